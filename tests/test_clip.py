@@ -266,6 +266,8 @@ def test_real_scale_key_coverage(name):
     assert config.pool_token_id == 49407
     assert ours["text_model.embeddings.token_embedding.weight"] == (49408, cfg["hidden_size"])
     assert clip.token_table(clip.abstract_params(config)).shape == (49408, cfg["hidden_size"])
+    shapes = jax.eval_shape(clip.CLIPTextModel(config).init_params, jax.random.key(0))
+    assert expected_torch_keys(shapes) == ours
 
 
 @pytest.mark.parametrize(

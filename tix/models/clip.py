@@ -411,6 +411,10 @@ class CLIPTextModel(nn.Module):
             hidden_states=tuple(states) if output_hidden_states else None,
         )
 
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        """Randomly initialised parameters without the "params" collection (wrap in jax.eval_shape for shapes only)."""
+        return self.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
 
 def normalize_torch_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """State-dict keys as tix's parameter tree names them: ``text_model.``-prefixed.
@@ -427,9 +431,7 @@ def normalize_torch_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def abstract_params(config: CLIPTextConfig, param_dtype: Any = jnp.float32) -> dict[str, Any]:
     """ShapeDtypeStructs of the model's parameter tree (without the "params" collection), at no memory cost."""
-    model = CLIPTextModel(config, param_dtype=param_dtype)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"]
+    return jax.eval_shape(CLIPTextModel(config, param_dtype=param_dtype).init_params, jax.random.key(0))
 
 
 def load_params(
