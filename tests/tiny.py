@@ -3,6 +3,7 @@ layout: the oracles tix is compared against. Each family exercises the configura
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 WORDS = ["a", "an", "the", "photo", "of", "cat", "dog", "painting", "in", "style", "red", "green", "blue", "on",
@@ -13,7 +14,7 @@ def _text_encoder(kind: str, vocab_size: int, *, projection: bool, hidden: int =
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(hash(kind) % 1000)
+    torch.manual_seed(zlib.crc32(kind.encode()))
     cfg = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden + 5, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=hidden,
