@@ -1,0 +1,402 @@
+"""Deterministic samplers (DDIM, Euler, DPM-Solver++(2M)) as pure step functions over precomputed tables.
+
+Each sampler reproduces a diffusers scheduler built with ``<Class>.from_config(scheduler_config)``: the same
+``set_timesteps(n)`` timesteps, the same sigmas and the same update, for epsilon and v-prediction models:
+
+=========== ====================================================================================================
+``ddim``    ``DDIMScheduler``, eta 0. Defaults: timestep_spacing "leading", set_alpha_to_one true, clip_sample true.
+``euler``   ``EulerDiscreteScheduler`` (s_churn 0). Defaults: timestep_spacing "linspace", final_sigmas_type "zero".
+``dpm++2m`` ``DPMSolverMultistepScheduler`` with algorithm_type "dpmsolver++" and solver_order 2 (fixed by the name,
+            whatever the config says). Defaults: timestep_spacing "linspace", solver_type "midpoint",
+            lower_order_final true, final_sigmas_type "zero".
+=========== ====================================================================================================
+
+A field missing from the config takes the default of the sampler's diffusers class (so one SD 1.5 config gives DDIM
+"leading" but Euler "linspace" timesteps, exactly as in diffusers); a field set to something tix does not implement
+(Karras sigmas, thresholding, ...) raises :class:`tix.errors.ConfigError` naming it.
+
+Everything per step that depends only on the schedule and the step count lives in a :class:`SamplerTable` of numpy
+arrays built at trace time; :func:`step` indexes it with a (possibly traced) step index, and :func:`sample` runs the
+whole loop in one ``jax.lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tix.errors import ConfigError
+from tix.schedule import NoiseSchedule
+
+SAMPLERS = ("ddim", "euler", "dpm++2m")
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplerTable:
+    """Per-step constants of one sampler for one step count (numpy, length ``num_steps`` along axis 0).
+
+    ``timesteps`` are what the model receives (float32; equal to diffusers' ``scheduler.timesteps``), ``input_divisor``
+    what the latents are divided by before the model call (diffusers' ``scale_model_input``), ``init_noise_sigma``
+    what unit Gaussian noise is multiplied by to start. ``coeffs`` holds the sampler's own per-step scalars.
+    """
+
+    sampler: str
+    prediction_type: str
+    timesteps: np.ndarray
+    input_divisor: np.ndarray
+    init_noise_sigma: float
+    coeffs: Mapping[str, np.ndarray]
+    clip_sample_range: float | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def make_table(schedule: NoiseSchedule, sampler: str, num_steps: int) -> SamplerTable:
+    """The per-step constants of ``sampler`` over ``num_steps`` steps (diffusers' ``set_timesteps(num_steps)``)."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler {sampler!r} is not supported; supported: {', '.join(SAMPLERS)}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 1:
+        raise ConfigError(f"num_steps={num_steps!r} must be a positive integer")
+    if num_steps > schedule.num_train_timesteps:
+        raise ConfigError(
+            f"num_steps={num_steps} exceeds the schedule's num_train_timesteps={schedule.num_train_timesteps}"
+        )
+    build = {"ddim": _ddim_table, "euler": _euler_table, "dpm++2m": _dpm_table}[sampler]
+    return build(schedule, int(num_steps))
+
+
+def timesteps(schedule: NoiseSchedule, sampler: str, num_steps: int) -> np.ndarray:
+    """The model timesteps of each step, as diffusers' ``scheduler.timesteps`` after ``set_timesteps(num_steps)``."""
+    return make_table(schedule, sampler, num_steps).timesteps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config fields, resolved with the defaults of the diffusers class each sampler mirrors.
+
+
+def _field(schedule: NoiseSchedule, sampler: str, name: str, default: Any, supported: tuple = ()) -> Any:
+    value = schedule.sampler_field(name, default)
+    if supported and value not in supported:
+        raise ConfigError(
+            f"scheduler config field {name}={value!r} is not supported by the {sampler!r} sampler; supported: "
+            f"{', '.join(repr(s) for s in supported)}"
+        )
+    return value
+
+
+def _reject_sigma_variants(schedule: NoiseSchedule, sampler: str) -> None:
+    for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                 "use_flow_sigmas", "use_dynamic_shifting"):
+        _field(schedule, sampler, name, False, (False, None))
+
+
+def _spacing(schedule: NoiseSchedule, sampler: str, default: str) -> str:
+    return _field(schedule, sampler, "timestep_spacing", default, ("leading", "trailing", "linspace"))
+
+
+def _steps_offset(schedule: NoiseSchedule, sampler: str) -> int:
+    offset = _field(schedule, sampler, "steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise ConfigError(f"scheduler config field steps_offset={offset!r} must be an integer")
+    return offset
+
+
+def _sampling_alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
+    alphas_cumprod = schedule.alphas_cumprod
+    if schedule.rescale_betas_zero_snr:
+        # Euler and DPM-Solver work in sigma = sqrt((1 - a) / a), infinite at a zero terminal SNR; diffusers nudges
+        # the last alpha_bar to 2**-24 (float32 epsilon scale) for them, and so must tix to match their timesteps.
+        alphas_cumprod = alphas_cumprod.copy()
+        alphas_cumprod[-1] = 2.0**-24
+    return alphas_cumprod
+
+
+def _train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod).astype(np.float32)
+
+
+def _final_sigma(schedule: NoiseSchedule, sampler: str, alphas_cumprod: np.ndarray) -> float:
+    kind = _field(schedule, sampler, "final_sigmas_type", "zero", ("zero", "sigma_min"))
+    return 0.0 if kind == "zero" else float(_train_sigmas(alphas_cumprod[:1])[0])
+
+
+def _f32(x: Any) -> np.ndarray:
+    return np.asarray(x, np.float64).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DDIM
+
+
+def _ddim_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
+    name = "ddim"
+    num_train = schedule.num_train_timesteps
+    spacing = _spacing(schedule, name, "leading")
+    offset = _steps_offset(schedule, name)
+    _field(schedule, name, "thresholding", False, (False,))
+    set_alpha_to_one = _field(schedule, name, "set_alpha_to_one", True, (True, False))
+    clip_sample = _field(schedule, name, "clip_sample", True, (True, False))
+    clip_range = float(_field(schedule, name, "clip_sample_range", 1.0))
+
+    if spacing == "linspace":
+        ts = np.linspace(0, num_train - 1, n).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(n) * (num_train // n)).round()[::-1].astype(np.int64) + offset
+    else:
+        ts = np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64) - 1
+    if ts.max() >= num_train:
+        raise ConfigError(
+            f"DDIM with steps_offset={offset} and {n} steps reaches timestep {ts.max()}, past the schedule's last "
+            f"({num_train - 1}); use fewer steps"
+        )
+    # DDIM steps back by num_train // n whatever the spacing (so "trailing" and "linspace" do not land on the next
+    # table entry); below 0 it uses the "final" alpha_bar.
+    prev = ts - num_train // n
+    alphas_cumprod = schedule.alphas_cumprod.astype(np.float64)
+    final = 1.0 if set_alpha_to_one else alphas_cumprod[0]
+    a_t = alphas_cumprod[ts]
+    a_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final)
+    coeffs = {
+        "sqrt_a": _f32(np.sqrt(a_t)),
+        "sqrt_1ma": _f32(np.sqrt(1 - a_t)),
+        "sqrt_a_prev": _f32(np.sqrt(a_prev)),
+        "sqrt_1ma_prev": _f32(np.sqrt(1 - a_prev)),
+    }
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), np.ones(n, np.float32), 1.0, coeffs,
+                        clip_range if clip_sample else None)
+
+
+def _ddim_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
+    if table.prediction_type == "epsilon":
+        x0 = (x - c["sqrt_1ma"] * m) / c["sqrt_a"]
+        eps = m
+    else:
+        x0 = c["sqrt_a"] * x - c["sqrt_1ma"] * m
+        eps = c["sqrt_a"] * m + c["sqrt_1ma"] * x
+    if table.clip_sample_range is not None:
+        # diffusers clips x0 but keeps the model's epsilon (use_clipped_model_output=False).
+        x0 = jnp.clip(x0, -table.clip_sample_range, table.clip_sample_range)
+    return c["sqrt_a_prev"] * x0 + c["sqrt_1ma_prev"] * eps, x0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Euler
+
+
+def _euler_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
+    name = "euler"
+    num_train = schedule.num_train_timesteps
+    spacing = _spacing(schedule, name, "linspace")
+    offset = _steps_offset(schedule, name)
+    _reject_sigma_variants(schedule, name)
+    _field(schedule, name, "interpolation_type", "linear", ("linear",))
+    if schedule.prediction_type == "v_prediction":
+        # Continuous timesteps feed the model 0.25*log(sigma) instead of t: a different model convention.
+        _field(schedule, name, "timestep_type", "discrete", ("discrete",))
+
+    if spacing == "linspace":
+        ts = np.linspace(0, num_train - 1, n, dtype=np.float32)[::-1].copy()
+    elif spacing == "leading":
+        ts = (np.arange(n) * (num_train // n)).round()[::-1].astype(np.float32) + np.float32(offset)
+    else:
+        ts = np.arange(num_train, 0, -num_train / n).round().astype(np.float32) - np.float32(1)
+    alphas_cumprod = _sampling_alphas_cumprod(schedule)
+    # Timesteps between table entries get a sigma linearly interpolated in sigma, as diffusers' "linear" type.
+    sigmas = np.interp(ts, np.arange(num_train), _train_sigmas(alphas_cumprod))
+    sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]]))
+    max_sigma = sigmas.max()
+    init = max_sigma if spacing in ("linspace", "trailing") else np.sqrt(max_sigma**2 + np.float32(1))
+    coeffs = {"sigma": sigmas[:-1], "sigma_next": sigmas[1:]}
+    divisor = np.sqrt(sigmas[:-1] ** 2 + np.float32(1)).astype(np.float32)
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), divisor, float(init), coeffs)
+
+
+def _euler_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
+    sigma = c["sigma"]
+    if table.prediction_type == "epsilon":
+        x0 = x - sigma * m
+    else:
+        x0 = m * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+    derivative = (x - x0) / sigma
+    return x + derivative * (c["sigma_next"] - sigma), x0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+
+
+def _dpm_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
+    name = "dpm++2m"
+    num_train = schedule.num_train_timesteps
+    spacing = _spacing(schedule, name, "linspace")
+    offset = _steps_offset(schedule, name)
+    _reject_sigma_variants(schedule, name)
+    _field(schedule, name, "thresholding", False, (False,))
+    variance_type = _field(schedule, name, "variance_type", None)
+    if variance_type in ("learned", "learned_range"):
+        raise ConfigError(
+            f"scheduler config field variance_type={variance_type!r} (a model that also outputs its variance) is not "
+            f"supported by the {name!r} sampler"
+        )
+    solver_type = _field(schedule, name, "solver_type", "midpoint", ("midpoint", "heun"))
+    lower_order_final = _field(schedule, name, "lower_order_final", True, (True, False))
+    euler_at_final = _field(schedule, name, "euler_at_final", False, (True, False))
+    final_type = _field(schedule, name, "final_sigmas_type", "zero", ("zero", "sigma_min"))
+    lambda_min = _field(schedule, name, "lambda_min_clipped", float("-inf"))
+
+    alphas_cumprod = _sampling_alphas_cumprod(schedule)
+    # Timesteps whose log-SNR lies below lambda_min_clipped are cut from the top of the range.
+    lambdas = np.log(np.sqrt(alphas_cumprod)) - np.log(np.sqrt(np.float32(1) - alphas_cumprod))
+    last = num_train - int(np.searchsorted(lambdas[::-1], np.float32(lambda_min), side="left"))
+    if spacing == "linspace":
+        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + offset
+    else:
+        ts = np.arange(last, 0, -num_train / n).round().astype(np.int64) - 1
+    sigmas = np.interp(ts, np.arange(num_train), _train_sigmas(alphas_cumprod))
+    sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]])).astype(np.float64)
+    steps = len(ts)
+
+    alpha = 1 / np.sqrt(sigmas**2 + 1)  # sigma is the VE noise level; alpha, sigma*alpha the VP signal/noise scales
+    noise = sigmas * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(noise)  # +inf at a final sigma of 0
+    i = np.arange(steps)
+    h = lam[i + 1] - lam[i]
+    expm = np.where(np.isinf(h), -1.0, np.expm1(-np.where(np.isinf(h), 0.0, h)))  # exp(-h) - 1
+    c_x = noise[i + 1] / noise[i]
+    c_d0 = -alpha[i + 1] * expm
+    # Second order from the second step on, except a last step into sigma 0 (where h is infinite), or when asked to
+    # finish with first order (short schedules, euler_at_final).
+    final_first_order = euler_at_final or (lower_order_final and steps < 15) or final_type == "zero"
+    second = (i >= 1) & ~((i == steps - 1) & final_first_order)
+    h_prev = np.where(i >= 1, lam[i] - lam[np.maximum(i - 1, 0)], 1.0)
+    with np.errstate(divide="ignore"):  # h_prev is 0 only where two timesteps share a sigma; diffusers gives inf too
+        inv_r = np.where(second, h / np.where(second, h_prev, 1.0), 0.0)  # 1/r0 in D1 = (m0 - m1)/r0
+    if solver_type == "midpoint":
+        c_d1 = np.where(second, 0.5 * c_d0 * inv_r, 0.0)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            heun = alpha[i + 1] * (expm / h + 1.0)
+        c_d1 = np.where(second, heun * inv_r, 0.0)
+    coeffs = {
+        "alpha": _f32(alpha[:-1]),
+        "noise": _f32(noise[:-1]),
+        "c_x": _f32(c_x),
+        "c_d0": _f32(c_d0),
+        "c_d1": _f32(c_d1),
+    }
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), np.ones(steps, np.float32), 1.0, coeffs)
+
+
+def _dpm_step(
+    table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m: jax.Array, prev_x0: jax.Array
+) -> tuple[jax.Array, ...]:
+    eps_prediction = table.prediction_type == "epsilon"
+    x0 = (x - c["noise"] * m) / c["alpha"] if eps_prediction else c["alpha"] * x - c["noise"] * m
+    # c_d1 is 0 on first-order steps, so prev_x0 (zeros before the first step) then drops out.
+    return c["c_x"] * x + c["c_d0"] * x0 + c["c_d1"] * (x0 - prev_x0), x0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public step / loop
+
+
+def step(
+    table: SamplerTable, i: jax.Array | int, x: jax.Array, model_output: jax.Array, prev_x0: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """One sampler step from step ``i``'s latents ``x`` (not input-scaled) and the model's output there.
+
+    Returns ``(x_next, x0)``: the latents of step ``i + 1`` and the step's prediction of the clean latents, which
+    DPM-Solver++(2M) needs back as ``prev_x0`` on the next step (ignored by DDIM and Euler). Works in float32; ``i``
+    may be traced.
+    """
+    c = {k: jnp.asarray(v)[i] for k, v in table.coeffs.items()}
+    x = x.astype(jnp.float32)
+    m = model_output.astype(jnp.float32)
+    if table.sampler == "ddim":
+        return _ddim_step(table, c, x, m)
+    if table.sampler == "euler":
+        return _euler_step(table, c, x, m)
+    return _dpm_step(table, c, x, m, jnp.zeros_like(x) if prev_x0 is None else prev_x0.astype(jnp.float32))
+
+
+def doubles_batch(guidance_scale: float | jax.Array) -> bool:
+    """Whether :func:`sample` calls the model on ``[uncond; cond]`` (2B rows) rather than on the B conditional rows.
+
+    A Python (or concrete) scale doubles only above 1, where guidance changes anything; a traced scale always doubles.
+    """
+    if isinstance(guidance_scale, jax.core.Tracer):
+        return True
+    return float(guidance_scale) > 1.0
+
+
+def guide(uncond: jax.Array, cond: jax.Array, guidance_scale: float | jax.Array) -> jax.Array:
+    """Classifier-free guidance: uncond + g * (cond - uncond)."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def sample(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    sampler: str,
+    num_steps: int,
+    noise: jax.Array,
+    *,
+    guidance_scale: float | jax.Array = 1.0,
+) -> jax.Array:
+    """Runs the whole sampling loop (one ``lax.scan``) from unit Gaussian ``noise`` [B, H, W, C]; returns the final
+    latents (float32, not yet divided by the VAE scaling factor).
+
+    Contract for ``model_fn(latents_in, t) -> model_output``:
+
+    - ``latents_in`` is float32 [N, H, W, C], already input-scaled (Euler divides by sqrt(sigma^2 + 1)); ``t`` is
+      float32 [N] (the same step timestep on every row; integer-valued except Euler's "linspace" spacing). The output
+      has the shape of ``latents_in`` and is what the model predicts (epsilon or v, per ``schedule.prediction_type``).
+    - When :func:`doubles_batch` (``guidance_scale`` > 1, or traced), N = 2B and rows ``[:B]`` are the unconditional
+      and ``[B:]`` the conditional copy of the same latents, so ``model_fn`` must pair its text conditioning the same
+      way (diffusers' ``cat([negative, positive])`` order); the two halves are combined by :func:`guide`. Otherwise
+      N = B and ``model_fn`` should condition on the prompt only.
+    - Call ``sample`` inside the caller's ``jax.jit`` with ``model_fn`` a closure over the jit's *arguments* (params,
+      text embeddings), so weights are not baked into the program as constants::
+
+          @jax.jit
+          def generate(params, context, noise):
+              def model_fn(x, t):
+                  return unet.apply(params, x, t, context)
+              return sample(model_fn, schedule, "dpm++2m", 25, noise, guidance_scale=7.5)
+
+      ``schedule``, ``sampler`` and ``num_steps`` are trace-time constants (a new value recompiles); a Python
+      ``guidance_scale`` is too, while passing it as a jit argument makes it traced (then the batch always doubles).
+    """
+    table = make_table(schedule, sampler, num_steps)
+    cfg = doubles_batch(guidance_scale)
+    x = noise.astype(jnp.float32) * jnp.float32(table.init_noise_sigma)
+    batch = x.shape[0]
+    ts = jnp.asarray(table.timesteps)
+    divisors = jnp.asarray(table.input_divisor)
+
+    def body(carry: tuple[jax.Array, jax.Array], i: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
+        x, prev_x0 = carry
+        x_in = x / divisors[i]
+        if cfg:
+            x_in = jnp.concatenate([x_in, x_in], axis=0)
+        t = jnp.full((x_in.shape[0],), ts[i], jnp.float32)
+        out = model_fn(x_in, t).astype(jnp.float32)
+        if cfg:
+            out = guide(out[:batch], out[batch:], guidance_scale)
+        x_next, x0 = step(table, i, x, out, prev_x0)
+        return (x_next, x0), None
+
+    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), jnp.arange(table.num_steps))
+    return x
