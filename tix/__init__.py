@@ -1,3 +1,26 @@
-"""tix: textual inversion for Stable Diffusion on JAX."""
+"""tix: textual inversion for Stable Diffusion on JAX.
+
+`tix.load(path)` returns a frozen `tix.StableDiffusion`; see the README for the API.
+"""
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+__all__ = ["StableDiffusion", "load", "__version__"]
+
+if TYPE_CHECKING:
+    from tix.loading import load
+    from tix.pipeline import StableDiffusion
+
+
+def __getattr__(name: str):
+    # Imported on first use so `import tix` (and its submodules that need only the version) stay cheap.
+    if name == "load":
+        from tix.loading import load
+
+        return load
+    if name == "StableDiffusion":
+        from tix.pipeline import StableDiffusion
+
+        return StableDiffusion
+    raise AttributeError(f"module 'tix' has no attribute {name!r}")

@@ -1,0 +1,354 @@
+"""`StableDiffusion`: a frozen Stable Diffusion (SD 1.x, 2.x or XL) in JAX, with the text side open to new tokens.
+
+The object holds the Linen modules, their parameters and the tokenizers. Every computation is a pure function of
+explicit parameters (`*_fn` methods take `params`), so training and sampling pass the frozen weights into their compiled
+functions as arguments rather than closing over them as constants (which XLA would fold into the executable, costing
+memory and compile time). The convenience methods (`encode_prompts`, `predict_noise`, ...) bind `self.params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tix import samplers
+from tix.errors import ConfigError, TixError
+from tix.models import clip
+from tix.models.unet import UNet2DConditionModel
+from tix.models.vae import AutoencoderKL
+from tix.schedule import NoiseSchedule
+
+Kind = Literal["sd1", "sd2", "sdxl"]
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclasses.dataclass
+class TextSide:
+    """One text encoder with its tokenizer and the placeholder tokens added to it.
+
+    Placeholder token k gets id `vocab_size + k` whatever the tokenizer's own numbering is; its vector is row k of
+    `extra`. The CLIP table itself is never copied or extended.
+    """
+
+    name: str
+    model: clip.CLIPTextModel
+    tokenizer: Any
+    added: list[str] = dataclasses.field(default_factory=list)
+    extra: np.ndarray | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """[B, 77] int32 ids, padded and truncated as diffusers does; placeholders map to vocab_size + k."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True
+        ).input_ids
+        ids = np.asarray(ids, dtype=np.int64)
+        base = len(self.tokenizer) - len(self.added)
+        placeholder = ids >= base
+        ids = np.where(placeholder, ids - base + self.vocab_size, ids)
+        return ids.astype(np.int32)
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """A frozen Stable Diffusion loaded by `tix.load`. See the module docstring for the calling convention."""
+
+    kind: Kind
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text: tuple[TextSide, ...]
+    params: dict[str, Any]
+    schedule: NoiseSchedule
+    scheduler_config: dict[str, Any]
+    default_size: int = 512  # pixels: the UNet's sample_size x the VAE's scale factor
+    source: str = ""
+
+    # ---- facts -------------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    # ---- placeholder tokens ------------------------------------------------------------------------------------
+    def add_tokens(self, token: str, vectors: Sequence[np.ndarray | None]) -> list[str]:
+        """Register `token` with one [n, D] array per text encoder (None: zeros, for training to fill in).
+
+        A multi-vector token is stored as `token`, `token_1`, ... (diffusers' naming) and prompts are expanded
+        accordingly. Returns the sub-token names.
+        """
+        if len(vectors) != len(self.text):
+            raise TixError(
+                f"{token}: got vectors for {len(vectors)} text encoders, this {self.kind} model has {len(self.text)}"
+            )
+        n = {np.shape(v)[0] for v in vectors if v is not None} or {1}
+        if len(n) != 1:
+            raise TixError(f"{token}: the text encoders' vector counts differ ({sorted(n)}); they must be equal")
+        (count,) = n
+        names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        for side, vecs in zip(self.text, vectors, strict=True):
+            for name in names:
+                if name in side.added or self._in_base_vocab(side, name):
+                    raise TixError(
+                        f"token {name!r} is already in the {side.name} vocabulary; choose another placeholder "
+                        "(e.g. wrap it in angle brackets: '<my-cat>')"
+                    )
+            vecs = np.zeros((count, side.width), np.float32) if vecs is None else np.asarray(vecs, np.float32)
+            if vecs.ndim == 1:
+                vecs = vecs[None]
+            if vecs.shape[-1] != side.width:
+                raise TixError(
+                    f"{token}: vectors of width {vecs.shape[-1]} do not fit {side.name} of width {side.width} "
+                    f"(this is a {self.kind} model); the embedding was trained for a different model family"
+                )
+            side.tokenizer.add_tokens(names)
+            side.added.extend(names)
+            side.extra = vecs if side.extra is None else np.concatenate([side.extra, vecs])
+        return names
+
+    @staticmethod
+    def _in_base_vocab(side: TextSide, name: str) -> bool:
+        ids = side.tokenizer(name, add_special_tokens=False).input_ids
+        return len(ids) == 1 and ids[0] < len(side.tokenizer) - len(side.added)
+
+    def expand_prompt(self, prompt: str) -> str:
+        """Spell multi-vector tokens out (`<t>` -> `<t> <t>_1 <t>_2`) as diffusers' maybe_convert_prompt does."""
+        added = set(self.text[0].added)
+        for token in sorted(added, key=len, reverse=True):
+            if re.search(r"_\d+$", token) and token.rsplit("_", 1)[0] in added:
+                continue
+            count = 1
+            while f"{token}_{count}" in added:
+                count += 1
+            if count > 1:
+                spelled = " ".join([token] + [f"{token}_{i}" for i in range(1, count)])
+                prompt = re.sub(rf"(?<!\S){re.escape(token)}(?![\w-])(?!_\d)", spelled, prompt)
+        return prompt
+
+    def load_embeddings(self, source: Any, token: str | None = None) -> list[str]:
+        """Add the tokens of an embedding file (any format tix reads) or dict to this model; returns their names."""
+        from tix import embedding_files
+
+        names = []
+        for concept in embedding_files.read(source, token=token):
+            embedding_files.check_compatible(concept, {s.name: s.width for s in self.text}, self.kind)
+            vectors = [concept.vectors[s.name] for s in self.text]
+            self.add_tokens(concept.token, vectors)
+            names.append(concept.token)
+        return names
+
+    # ---- pure functions ----------------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, ...]:
+        """Token ids for each text encoder, prompts expanded for multi-vector tokens."""
+        prompts = [self.expand_prompt(p) for p in prompts]
+        return tuple(side.tokenize(prompts) for side in self.text)
+
+    def text_fn(
+        self, params: dict[str, Any], ids: Sequence[jax.Array], extra: Sequence[jax.Array | None]
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """(context, pooled) from token ids; placeholder ids read their vectors from `extra` (one array per encoder).
+
+        SD 1.x/2.x: context is the last hidden state (after the final layer norm). SDXL: the penultimate hidden states
+        of both encoders concatenated, and pooled is text_encoder_2's projection of the EOS state. The pooled output is
+        taken at the first EOS token (see `tix.models.clip`), not at argmax(ids) as transformers' legacy rule does.
+        """
+        contexts, pooled = [], None
+        for side, side_ids, side_extra in zip(self.text, ids, extra, strict=True):
+            out = side.model.apply(
+                {"params": params[side.name]},
+                side_ids,
+                extra_embeddings=side_extra,
+                eos_token_id=side.tokenizer.eos_token_id,
+                output_hidden_states=self.kind == "sdxl",
+            )
+            if self.kind == "sdxl":
+                contexts.append(out.hidden_states[-2])
+                if side.model.config.with_projection:
+                    pooled = out.text_embeds
+            else:
+                contexts.append(out.last_hidden_state)
+        context = contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=-1)
+        return context, pooled
+
+    def unet_fn(
+        self,
+        params: dict[str, Any],
+        latents: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array,
+        pooled: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        added = None
+        if self.kind == "sdxl":
+            if pooled is None:
+                raise TixError("SDXL needs the pooled text embedding: pass the `pooled` that encode_prompts returned")
+            if time_ids is None:
+                size = latents.shape[1] * self.vae_scale_factor, latents.shape[2] * self.vae_scale_factor
+                time_ids = default_time_ids(latents.shape[0], size)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+        return self.unet.apply({"params": params["unet"]}, latents, timesteps, context, added)
+
+    def encode_fn(self, params: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Images NHWC in [-1, 1] -> the latent distribution (mean, logvar), unscaled."""
+        return self.vae.apply({"params": params["vae"]}, images, method=self.vae.encode)
+
+    def scale_latents(self, latents: jax.Array) -> jax.Array:
+        cfg = self.vae.config
+        return (latents - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def unscale_latents(self, latents: jax.Array) -> jax.Array:
+        cfg = self.vae.config
+        return latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+
+    def decode_fn(self, params: dict[str, Any], latents: jax.Array) -> jax.Array:
+        return self.vae.apply({"params": params["vae"]}, self.unscale_latents(latents), method=self.vae.decode)
+
+    # ---- convenience API bound to self.params -------------------------------------------------------------------
+    def extras(self) -> tuple[jax.Array | None, ...]:
+        return tuple(None if s.extra is None else jnp.asarray(s.extra) for s in self.text)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array | None]:
+        """(context, pooled): the UNet's cross-attention input as diffusers' `encode_prompt` gives it without
+        classifier-free guidance; pooled is SDXL's pooled text embedding and None for SD 1.x/2.x."""
+        return _jit_text(self)(self.params, tuple(map(jnp.asarray, self.tokenize(prompts))), self.extras())
+
+    def predict_noise(self, latents, timesteps, context, pooled=None, time_ids=None) -> jax.Array:
+        """The UNet's output (epsilon or v, per the scheduler config) for NHWC latents."""
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (latents.shape[0],))
+        return _jit_unet(self)(self.params, latents, timesteps, context, pooled, time_ids)
+
+    def encode_images(self, images) -> jax.Array:
+        """Images NHWC in [-1, 1] -> scaled latent means (`latent_dist.mean * scaling_factor`)."""
+        return _jit_encode(self)(self.params, jnp.asarray(images))
+
+    def decode_latents(self, latents) -> jax.Array:
+        """Scaled latents -> images NHWC in [-1, 1] (not clipped)."""
+        return _jit_decode(self)(self.params, jnp.asarray(latents))
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        negative: Sequence[str] | str | None = None,
+        steps: int = 25,
+        guidance: float = 7.5,
+        sampler: str = "dpm++2m",
+        seed: int = 0,
+        size: int | tuple[int, int] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+    ) -> np.ndarray:
+        """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`."""
+        from tix import parallel
+
+        size = size or self.default_size
+        height, width = (size, size) if isinstance(size, int) else size
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ConfigError(f"size {height}x{width} must be a multiple of {self.vae_scale_factor} for this model")
+        n = len(prompts)
+        if isinstance(negative, str) or negative is None:
+            negative = [negative or ""] * n
+        mesh = mesh or parallel.make_mesh(jax.local_devices())
+        per = parallel.batch_size_multiple(mesh)
+        padded = -(-n // per) * per
+        prompts = list(prompts) + [prompts[-1]] * (padded - n)
+        negative = list(negative) + [negative[-1]] * (padded - n)
+        ids = self.tokenize(prompts)
+        neg_ids = self.tokenize(negative)
+        zero_uncond = self.kind == "sdxl" and not any(negative)  # SDXL's force_zeros_for_empty_prompt
+        shape = (padded, height // self.vae_scale_factor, width // self.vae_scale_factor, self.unet.config.in_channels)
+        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        batch = parallel.put_batch(
+            {"ids": ids, "neg": neg_ids, "noise": np.asarray(noise)}, mesh
+        )
+        params = parallel.put_replicated(self.params, mesh)
+        fn = _jit_generate(self, sampler, steps, float(guidance), zero_uncond, (height, width))
+        images = fn(params, self.extras(), batch)
+        return np.asarray(images)[:n]
+
+
+def default_time_ids(batch: int, size: tuple[int, int]) -> jax.Array:
+    """SDXL's add_time_ids for an uncropped image generated at its original size."""
+    h, w = size
+    return jnp.tile(jnp.asarray([[h, w, 0, 0, h, w]], jnp.float32), (batch, 1))
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+# Compiled entry points cached per model object and static settings (the params stay arguments).
+def _cache(fn):
+    table: dict[Any, Any] = {}
+
+    def get(sd: StableDiffusion, *static):
+        key = (id(sd), *static)
+        if key not in table:
+            table[key] = jax.jit(partial(fn, sd, *static))
+        return table[key]
+
+    return get
+
+
+@_cache
+def _jit_text(sd, params, ids, extra):
+    return sd.text_fn(params, ids, extra)
+
+
+@_cache
+def _jit_unet(sd, params, latents, t, context, pooled, time_ids):
+    return sd.unet_fn(params, latents, t, context, pooled, time_ids)
+
+
+@_cache
+def _jit_encode(sd, params, images):
+    mean, _ = sd.encode_fn(params, images)
+    return sd.scale_latents(mean)
+
+
+@_cache
+def _jit_decode(sd, params, latents):
+    return sd.decode_fn(params, latents)
+
+
+@_cache
+def _jit_generate(sd, sampler, steps, guidance, zero_uncond, size, params, extra, batch):
+    context, pooled = sd.text_fn(params, batch["ids"], extra)
+    if samplers.doubles_batch(guidance):
+        if zero_uncond:
+            neg_context, neg_pooled = jnp.zeros_like(context), None if pooled is None else jnp.zeros_like(pooled)
+        else:
+            neg_context, neg_pooled = sd.text_fn(params, batch["neg"], extra)
+        context = jnp.concatenate([neg_context, context])
+        pooled = None if pooled is None else jnp.concatenate([neg_pooled, pooled])
+    time_ids = default_time_ids(context.shape[0], size) if sd.kind == "sdxl" else None
+
+    def model_fn(latents, t):
+        t = jnp.broadcast_to(t, (latents.shape[0],))
+        return sd.unet_fn(params, latents, t, context, pooled, time_ids)
+
+    latents = samplers.sample(
+        model_fn, sd.schedule, sampler, steps, batch["noise"], guidance_scale=guidance
+    )
+    return to_uint8(sd.decode_fn(params, latents))
