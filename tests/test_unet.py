@@ -102,6 +102,32 @@ def test_matches_diffusers(tiny_dirs, kind, size, timesteps):
     assert err < 1e-4
 
 
+def test_rarer_config_options_match_diffusers():
+    """Per-block layers, explicit time_embedding_dim, other kernels, centred input, mid-block scale, sin-first
+    embedding with freq_shift 1, asymmetric downsample padding, another norm_eps: one small UNet built in torch."""
+    torch.manual_seed(0)
+    torch_unet = TorchUNet(
+        sample_size=8, in_channels=3, out_channels=5, block_out_channels=(16, 24, 24), layers_per_block=(1, 2, 1),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
+        norm_eps=1e-6, cross_attention_dim=12, attention_head_dim=(4, 3, 2), transformer_layers_per_block=(2, 1, 1),
+        time_embedding_dim=40, conv_in_kernel=5, conv_out_kernel=1, center_input_sample=True,
+        mid_block_scale_factor=1.414, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+    ).eval()
+    config = UNetConfig.from_diffusers(dict(torch_unet.config))
+    model = UNet2DConditionModel(config)
+    abstract = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0)))
+    params = weights.from_torch({k: v.numpy() for k, v in torch_unet.state_dict().items()}, abstract)
+    sample, timesteps, context, _ = _inputs(config, 10, 7)
+    with torch.no_grad():
+        ref = torch_unet(torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.from_numpy(timesteps),
+                         torch.from_numpy(context)).sample.numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(jax.jit(model.apply)({"params": params}, sample, timesteps, context))
+    err = np.abs(out - ref).max()
+    print(f"unet rarer options: max-abs err {err:.3g} (max |ref| {np.abs(ref).max():.3g})")
+    assert err < 1e-4
+
+
 # One level (no resampling) with resnets, transformer blocks and SDXL conditioning: the cheapest model to compile,
 # for behaviour the tiny diffusers comparisons do not pin down.
 MICRO = {
