@@ -1,0 +1,169 @@
+"""The `tix` command: generate, invert, export, concepts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tix.errors import TixError
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import tix
+    from tix.embedding_files import safe_stem
+
+    sd = tix.load(args.model, args.dtype)
+    for path in args.embeddings or []:
+        names = sd.load_embeddings(path)
+        print(f"loaded {', '.join(names)} from {path}")
+    prompts = [args.prompt] * args.n
+    images = sd.generate(prompts, negative=args.negative, steps=args.steps, guidance=args.guidance,
+                         sampler=args.sampler, seed=args.seed, size=args.size)
+    from PIL import Image
+
+    from train.report import grid
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = safe_stem(args.prompt)[:60]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(out / f"{stem}-{args.seed}-{i}.png")
+    grid(images, min(len(images), 4)).save(out / f"{stem}-{args.seed}-grid.png")
+    print(f"wrote {len(images)} images and a grid to {out}")
+
+
+def _invert(args: argparse.Namespace) -> None:
+    from train.config import load_config, parse_set
+    from train.invert import run, summary
+
+    overrides = {
+        "model": args.model, "images": args.images, "token": args.token, "concepts": args.concepts,
+        "init": args.init, "out": args.out, "vectors": args.vectors, "style": args.style or None,
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "scale_lr": args.scale_lr,
+        "resolution": args.resolution, "seed": args.seed, "save_every": args.save_every,
+        "validate_every": args.validate_every, "resume": args.resume or None, "overwrite": args.overwrite or None,
+    }
+    overrides.update(parse_set(args.set or []))
+    cfg = load_config(args.config, overrides)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(summary(result))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from tix import embedding_files
+    from tix.library import Library
+
+    source = Path(args.source)
+    library_root = source / "tokens" if (source / "tokens").is_dir() else source
+    entries = Library(library_root).entries()
+    if args.token:
+        entries = [e for e in entries if e.concept.token == args.token]
+    if not entries:
+        raise TixError(f"{source}: no learned concepts found (give a run folder, a concept library, or --token)")
+    written = embedding_files.write([e.concept for e in entries] if len(entries) > 1 else entries[0].concept,
+                                    args.out, format=args.format, torch_pickle=args.torch_pickle or None)
+    for path in written:
+        print(path)
+
+
+def _concepts(args: argparse.Namespace) -> None:
+    from tix.library import Library
+
+    library = Library(args.library)
+    if args.action == "list":
+        for entry in library.entries():
+            m = entry.meta
+            print(f"{entry.concept.token}\t{m.get('family')}\t{entry.concept.num_vectors} vec\t{m.get('base_model')}")
+    elif args.action == "show":
+        entry = library.get(args.token)
+        for key, value in entry.meta.items():
+            print(f"{key}: {value}")
+        for name, vectors in entry.concept.vectors.items():
+            print(f"{name}: {vectors.shape[0]} x {vectors.shape[1]}, norm {float((vectors ** 2).sum() ** 0.5):.4f}")
+    elif args.action == "rm":
+        library.remove(args.token)
+        print(f"removed {args.token}")
+    elif args.action == "merge":
+        added = library.merge(Library(args.other), replace=args.replace)
+        print(f"merged {len(added)} concept(s) into {library.root}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tix", description="Textual inversion for Stable Diffusion on JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text-to-image with a tix-loaded model (and learned embeddings)")
+    g.add_argument("--model", default="toyworld", help="diffusers folder, Hub id, or 'toyworld'")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default=None)
+    g.add_argument("--n", type=int, default=4)
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--sampler", default="dpm++2m", choices=["ddim", "euler", "dpm++2m"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--size", type=int, default=None, help="pixels (default: the model's native size)")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--embeddings", nargs="*", help="embedding files to load (any format tix reads)")
+    g.add_argument("--out", default="outputs")
+    g.set_defaults(fn=_generate)
+
+    i = sub.add_parser("invert", help="learn pseudo-words from images (textual inversion)")
+    i.add_argument("--config", help="YAML file of config fields (see configs/)")
+    i.add_argument("--model")
+    i.add_argument("--images", help="folder of 3-5 images of one concept")
+    i.add_argument("--token", help="the placeholder to learn, e.g. '<my-cat>'")
+    i.add_argument("--concepts", help="folder with one subfolder of images per concept")
+    i.add_argument("--init", help="initializer word(s), e.g. 'cat'")
+    i.add_argument("--out")
+    i.add_argument("--vectors", type=int)
+    i.add_argument("--style", action="store_true", help="learn a style (style templates, init 'painting')")
+    i.add_argument("--steps", type=int)
+    i.add_argument("--batch-size", type=int, help="images per concept per step")
+    i.add_argument("--lr", type=float)
+    i.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiply lr by batch size x gradient accumulation (default on)")
+    i.add_argument("--resolution", type=int)
+    i.add_argument("--seed", type=int)
+    i.add_argument("--save-every", type=int)
+    i.add_argument("--validate-every", type=int)
+    i.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    i.add_argument("--overwrite", action="store_true", help="start the run in --out again from scratch")
+    i.add_argument("--set", action="append", metavar="KEY=VALUE", help="set any config field, e.g. lr_schedule=cosine")
+    i.set_defaults(fn=_invert)
+
+    e = sub.add_parser("export", help="write learned tokens in a format other tools load")
+    e.add_argument("source", help="run folder, concept library, or one concept (with --token)")
+    e.add_argument("--format", default="diffusers", choices=["diffusers", "a1111", "kohya"])
+    e.add_argument("--token", help="only this concept")
+    e.add_argument("--torch-pickle", action="store_true", help="write torch pickles (.bin/.pt) instead of safetensors")
+    e.add_argument("--out", required=True)
+    e.set_defaults(fn=_export)
+
+    c = sub.add_parser("concepts", help="manage a concept library")
+    c.add_argument("action", choices=["list", "show", "rm", "merge"])
+    c.add_argument("library")
+    c.add_argument("token", nargs="?", help="for show/rm")
+    c.add_argument("--other", help="for merge: the library to copy from")
+    c.add_argument("--replace", action="store_true")
+    c.set_defaults(fn=_concepts)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except TixError as err:
+        print(f"tix: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

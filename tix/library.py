@@ -1,0 +1,142 @@
+"""A concept library: a folder of learned concepts on orbax, each with its vectors for every text encoder and the
+facts needed to trust it later (base model, a hash of the embedding table it was trained against, training settings,
+a hash of the training images).
+
+Each concept is its own orbax checkpoint folder. Orbax writes into a temporary folder and renames it when complete,
+and readers skip anything unfinished, so a process killed while adding a concept leaves every other concept intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+import tix
+from tix.embedding_files import Concept, safe_stem
+from tix.errors import TixError
+
+META_FIELDS = ("token", "base_model", "family", "table_hash", "vectors", "init", "style", "steps", "lr",
+               "images_hash", "date", "tix_version")
+
+
+def table_hash(table: np.ndarray) -> str:
+    """A short hash identifying a text encoder's token-embedding table (so a token is used with its own model)."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(table, np.float32)).tobytes()).hexdigest()[:16]
+
+
+def files_hash(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    concept: Concept
+    meta: dict[str, Any]
+    path: Path
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+class Library:
+    """The concepts under `root`, one orbax folder each."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).absolute()
+
+    def _folders(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        # Finished orbax saves are renamed into place; temporary ones carry ".orbax-checkpoint-tmp" in their name.
+        return sorted(p for p in self.root.iterdir()
+                      if p.is_dir() and "tmp" not in p.name and (p / "meta").exists() and (p / "vectors").exists())
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for folder in self._folders():
+            try:
+                out.append(self._read(folder))
+            except Exception as err:  # a damaged entry must not hide the others
+                import warnings
+
+                warnings.warn(f"skipping unreadable concept folder {folder}: {err}", stacklevel=2)
+        return out
+
+    def _read(self, folder: Path) -> Entry:
+        restored = _checkpointer().restore(
+            folder, args=ocp.args.Composite(vectors=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+        vectors = {k: np.asarray(v, np.float32) for k, v in restored["vectors"].items()}
+        meta = dict(restored["meta"])
+        return Entry(Concept(meta["token"], vectors), meta, folder)
+
+    def get(self, token: str) -> Entry:
+        for entry in self.entries():
+            if entry.concept.token == token:
+                return entry
+        known = ", ".join(e.concept.token for e in self.entries()) or "none"
+        raise TixError(f"no concept {token!r} in the library {self.root} (it holds: {known})")
+
+    def _folder_for(self, token: str) -> Path:
+        digest = hashlib.sha256(token.encode()).hexdigest()[:8]
+        return self.root / f"{safe_stem(token)}-{digest}"
+
+    def add(self, concept: Concept, meta: dict[str, Any], *, replace: bool = False) -> Path:
+        folder = self._folder_for(concept.token)
+        if folder.exists():
+            if not replace:
+                raise TixError(f"the library {self.root} already holds {concept.token!r}; remove it first "
+                               f"(tix concepts rm) or add with replace")
+            self.remove(concept.token)
+        meta = {**{k: None for k in META_FIELDS}, **meta, "token": concept.token,
+                "vectors": concept.num_vectors, "tix_version": tix.__version__,
+                "date": meta.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        self.root.mkdir(parents=True, exist_ok=True)
+        vectors = {k: np.asarray(v, np.float32) for k, v in concept.vectors.items()}
+        _checkpointer().save(folder, args=ocp.args.Composite(vectors=ocp.args.StandardSave(vectors),
+                                                             meta=ocp.args.JsonSave(meta)))
+        return folder
+
+    def remove(self, token: str) -> None:
+        folder = self.get(token).path
+        # Rename first so a crash mid-delete never leaves a half-deleted folder that looks like a concept.
+        trash = folder.with_name(folder.name + ".tmp-deleting")
+        folder.rename(trash)
+        shutil.rmtree(trash)
+
+    def merge(self, other: Library, *, replace: bool = False) -> list[str]:
+        """Copy every concept of `other` into this library; returns the tokens added."""
+        added = []
+        for entry in other.entries():
+            exists = self._folder_for(entry.concept.token).exists()
+            if exists and not replace:
+                continue
+            self.add(entry.concept, entry.meta, replace=replace)
+            added.append(entry.concept.token)
+        return added
+
+
+def add_run(root: Path, sd: Any, cfg: Any, prepared: list[Any], learned: dict[str, dict[str, np.ndarray]]) -> Library:
+    """Record a finished run's concepts, with their provenance, in the library at `root`."""
+    library = Library(root)
+    tables = {side.name: table_hash(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+              for side in sd.text}
+    for p in prepared:
+        c = p.concept
+        meta = {"base_model": sd.source, "family": sd.kind, "table_hash": tables, "init": c.init, "style": c.style,
+                "steps": cfg.steps, "lr": cfg.lr, "images_hash": files_hash(c.images)}
+        library.add(Concept(c.token, learned[c.token]), meta, replace=True)
+    return library

@@ -1,0 +1,150 @@
+"""Training images and prompts: reading concept folders, decoding images robustly, and the per-concept prompt tables.
+
+Everything here runs once, before training. The train step then draws images, flips, prompts, timesteps and noise on
+the device from each concept's own random stream, so no host work or host-device copy happens per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tix import templates
+from tix.errors import ConfigError, TixError
+from train.config import ConceptSpec, TrainConfig
+
+log = logging.getLogger("tix")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+CONCEPT_FILE = "concept.yaml"
+CONCEPT_FIELDS = {f.name for f in dataclasses.fields(ConceptSpec)} - {"images"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    """A concept with every default resolved."""
+
+    token: str
+    images: tuple[Path, ...]
+    init: str
+    vectors: int
+    style: bool
+    prompts: tuple[str, ...]  # templates with "{}" for the token
+    per_image_captions: bool  # prompts[i] belongs to images[i]
+
+
+def concept_specs(cfg: TrainConfig) -> list[ConceptSpec]:
+    """The concepts a run learns: the single --images/--token one, or one per subfolder of --concepts."""
+    if cfg.images is not None:
+        return [ConceptSpec(token=cfg.token, images=cfg.images)]
+    root = Path(cfg.concepts)
+    if not root.is_dir():
+        raise ConfigError(f"--concepts {root}: not a folder; it should hold one subfolder of images per concept")
+    specs = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        spec = ConceptSpec(token=f"<{folder.name}>", images=str(folder))
+        meta = folder / CONCEPT_FILE
+        if meta.exists():
+            values = yaml.safe_load(meta.read_text()) or {}
+            unknown = set(values) - CONCEPT_FIELDS
+            if unknown:
+                raise ConfigError(f"{meta}: unknown fields {sorted(unknown)}; allowed: {sorted(CONCEPT_FIELDS)}")
+            spec = dataclasses.replace(spec, **values)
+        specs.append(spec)
+    if not specs:
+        raise ConfigError(f"--concepts {root}: no concept subfolders found")
+    return specs
+
+
+def resolve_concept(spec: ConceptSpec, cfg: TrainConfig) -> Concept:
+    folder = Path(spec.images)
+    if not folder.is_dir():
+        raise ConfigError(f"{spec.token}: image folder {folder} does not exist")
+    files = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    style = cfg.style if spec.style is None else spec.style
+    init = spec.init or cfg.init or ("painting" if style else "sculpture")
+    vectors = spec.vectors or cfg.vectors
+    captions = [p.with_suffix(".txt") for p in files]
+    if spec.captions:
+        prompts, per_image = tuple(spec.captions), False
+    elif files and all(c.exists() for c in captions):
+        prompts = tuple(_caption_template(c, spec.token) for c in captions)
+        per_image = True
+    else:
+        prompts, per_image = (templates.STYLE if style else templates.OBJECT), False
+    for p in prompts:
+        if "{}" not in p:
+            raise ConfigError(f"{spec.token}: prompt {p!r} does not contain the token (write it as {{}} or the token)")
+    return Concept(spec.token, files, init, vectors, style, prompts, per_image)
+
+
+def _caption_template(path: Path, token: str) -> str:
+    text = path.read_text().strip()
+    if token not in text and "{}" not in text:
+        raise ConfigError(
+            f"caption {path} must contain the token {token!r} (or {{}}), e.g. 'a photo of {token} on a table'"
+        )
+    return text.replace(token, "{}")
+
+
+def load_image(path: Path) -> Image.Image | None:
+    """An RGB image with EXIF orientation applied, or None (with a warning naming the file) if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return im.convert("RGB")  # grayscale, CMYK, palette, 16-bit
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+        return None
+
+
+def crops(
+    image: Image.Image, resolution: int, *, center: bool, count: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Resize the short side to `resolution` (bicubic) and crop squares: the centre, or `count` random ones.
+    Returns float32 HWC arrays in [-1, 1]."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    w, h = image.size
+    if center:
+        boxes = [((w - resolution) // 2, (h - resolution) // 2)]
+    else:
+        boxes = [(int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1)))
+                 for _ in range(count)]
+    out = []
+    for x, y in boxes:
+        arr = np.asarray(image.crop((x, y, x + resolution, y + resolution)), np.float32)
+        out.append(arr / 127.5 - 1.0)
+    return out
+
+
+def load_concept_pixels(concept: Concept, cfg: TrainConfig, resolution: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """[n_images, views, H, W, 3] pixels of the usable images (views: each crop, then its mirror image), and the
+    prompts aligned with them."""
+    rng = np.random.default_rng(cfg.seed)
+    images, prompts = [], []
+    for i, path in enumerate(concept.images):
+        image = load_image(path)
+        if image is None:
+            continue
+        views = crops(image, resolution, center=cfg.center_crop, count=cfg.random_crops, rng=rng)
+        images.append(np.stack([x for v in views for x in (v, v[:, ::-1])]))
+        if concept.per_image_captions:
+            prompts.append(concept.prompts[i])
+    if not images:
+        raise TixError(
+            f"{concept.token}: no usable image in {concept.images[0].parent if concept.images else 'its folder'} "
+            f"(jpg, png or webp files that open); add 3-5 images of the concept"
+        )
+    return np.stack(images), tuple(prompts) if concept.per_image_captions else concept.prompts

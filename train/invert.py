@@ -1,0 +1,413 @@
+"""`tix invert`: learn one pseudo-word per concept against a frozen Stable Diffusion.
+
+The edges live here (files, progress, signals, checkpoints); the math is `train.step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import signal
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+import tix
+from tix import parallel, templates
+from tix.embedding_files import output_stems
+from tix.errors import ConfigError, TixError
+from tix.pipeline import StableDiffusion
+from train import data
+from train.checkpoint import Checkpoints
+from train.config import TrainConfig
+from train.report import MetricsLog, grid, loss_curve, write_html
+from train.step import StepConfig, Tables, TrainState, make_optimizer, train_step
+
+log = logging.getLogger("tix")
+
+
+@dataclasses.dataclass
+class Result:
+    out: Path
+    state: TrainState  # of the last wave
+    tokens: list[str]
+    vectors: dict[str, dict[str, np.ndarray]]  # token -> text encoder name -> [n, D]
+    steps: int
+    final_loss: float
+    compile_seconds: float
+    images_per_second: float
+
+
+class _Interrupt:
+    """Turns Ctrl-C into a flag the loop checks between steps, so the state is saved before exiting."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, *_):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _prepare_out(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    saved = out / "config.yaml"
+    if saved.exists():
+        old = TrainConfig(**yaml.safe_load(saved.read_text()))
+        if cfg.overwrite:
+            for name in ("checkpoints", "validation", "tensorboard", "tokens"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "loss.png", "report.html"):
+                (out / name).unlink(missing_ok=True)
+        elif not cfg.resume:
+            raise ConfigError(
+                f"{out} already holds a run; pass --resume to continue it, --overwrite to start it again, "
+                "or choose another --out"
+            )
+        elif old.identity() != cfg.identity():
+            ignored = ("resume", "overwrite", "steps")
+            changed = [f.name for f in dataclasses.fields(TrainConfig)
+                       if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ignored]
+            raise ConfigError(
+                f"{out} was trained with a different config (changed: {', '.join(changed)}); resume with the "
+                "same settings, or use --overwrite / another --out"
+            )
+    elif cfg.resume:
+        raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml)")
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        saved.write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
+    return out
+
+
+def init_vectors(sd: StableDiffusion, init: str, n: int) -> list[np.ndarray]:
+    """Per text encoder, [n, D] rows of the initializer word(s), cycled over the n vectors."""
+    words = init.split()
+    if len(words) > n:
+        raise ConfigError(f"initializer {init!r} has {len(words)} words but the token has {n} vectors; "
+                          f"use --vectors {len(words)} or a single word")
+    out = []
+    for side in sd.text:
+        ids = []
+        for word in words:
+            pieces = side.tokenizer(word, add_special_tokens=False).input_ids
+            if len(pieces) != 1 or pieces[0] >= side.vocab_size:
+                raise ConfigError(
+                    f"initializer word {word!r} is not a single token of the {side.name} vocabulary (it splits into "
+                    f"{len(pieces)} pieces); choose a common word that describes the concept, e.g. 'cat' or 'toy'"
+                )
+            ids.append(pieces[0])
+        table = np.asarray(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
+        out.append(np.stack([table[ids[j % len(ids)]] for j in range(n)]))
+    return out
+
+
+def _check_resolution(sd: StableDiffusion, resolution: int) -> None:
+    multiple = sd.vae_scale_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        lower = resolution // multiple * multiple or multiple
+        raise ConfigError(f"resolution {resolution} must be a multiple of {multiple} for this model; "
+                          f"try {lower} or {lower + multiple}")
+
+
+def _encode_latents(sd: StableDiffusion, pixels: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """VAE latent distributions (unscaled mean, std) of every view, once per run."""
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    encode = jax.jit(sd.encode_fn)
+    means, stds = [], []
+    for i in range(0, len(flat), chunk):
+        mean, logvar = encode(sd.params, jnp.asarray(flat[i:i + chunk]))
+        means.append(np.asarray(mean, np.float32))
+        stds.append(np.exp(0.5 * np.asarray(logvar, np.float32)))
+    shape = pixels.shape[:-3]
+    mean, std = np.concatenate(means), np.concatenate(stds)
+    return mean.reshape(*shape, *mean.shape[1:]), std.reshape(*shape, *std.shape[1:])
+
+
+@dataclasses.dataclass
+class _Prepared:
+    concept: data.Concept
+    mean: np.ndarray  # [I, V, h, w, c]
+    std: np.ndarray
+    prompt_ids: tuple[np.ndarray, ...]  # per encoder [P, 77]; placeholders still global ids
+    init: list[np.ndarray]
+    seed: int
+
+
+def _concept_seed(run_seed: int, token: str) -> int:
+    """A concept's random stream depends on the run seed and its token only, not on its neighbours in the run."""
+    import zlib
+
+    return (run_seed * 1_000_003 + zlib.crc32(token.encode())) % (2**32)
+
+
+def _tables(sd: StableDiffusion, wave: list[_Prepared], slots: int, n_max: int) -> tuple[Tables, np.ndarray]:
+    """Stack a wave's concepts (padded to `slots` with weight-0 copies) into device tables. Placeholder ids are
+    renumbered so concept s, vector j reads row s * n_max + j of the wave's vectors."""
+    padded = wave + [wave[0]] * (slots - len(wave))
+    i_max = max(p.mean.shape[0] for p in padded)
+    p_max = max(p.prompt_ids[0].shape[0] for p in padded)
+
+    def pad(a, n):
+        return np.concatenate([a, np.repeat(a[-1:], n - a.shape[0], axis=0)]) if a.shape[0] < n else a
+
+    prompt_ids = []
+    for e, side in enumerate(sd.text):
+        per = []
+        for s, p in enumerate(padded):
+            ids = p.prompt_ids[e].copy()
+            first = side.vocab_size + side.added.index(p.concept.token)
+            mask = (ids >= first) & (ids < first + p.concept.vectors)
+            ids[mask] = side.vocab_size + s * n_max + (ids[mask] - first)
+            per.append(pad(ids, p_max))
+        prompt_ids.append(np.stack(per))
+    tables = Tables(
+        latent_mean=np.stack([pad(p.mean, i_max) for p in padded]),
+        latent_std=np.stack([pad(p.std, i_max) for p in padded]),
+        n_images=np.array([p.mean.shape[0] for p in padded], np.int32),
+        n_crops=np.array([p.mean.shape[1] // 2 for p in padded], np.int32),
+        prompt_ids=tuple(prompt_ids),
+        n_prompts=np.array([p.prompt_ids[0].shape[0] for p in padded], np.int32),
+        per_image=np.array([p.concept.per_image_captions for p in padded]),
+        seeds=np.array([p.seed for p in padded], np.uint32),
+        weight=np.array([1.0] * len(wave) + [0.0] * (slots - len(wave)), np.float32),
+    )
+    init = tuple(
+        np.stack([np.pad(p.init[e], ((0, n_max - p.init[e].shape[0]), (0, 0))) for p in padded]).astype(np.float32)
+        for e in range(len(sd.text))
+    )
+    return tables, init
+
+
+def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig, resolution: int) -> list[_Prepared]:
+    specs = data.concept_specs(cfg)
+    tokens = [s.token for s in specs]
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"concept tokens must be unique, got {tokens}")
+    prepared = []
+    for spec in specs:
+        concept = data.resolve_concept(spec, cfg)
+        pixels, prompts = data.load_concept_pixels(concept, cfg, resolution)
+        init = init_vectors(sd, concept.init, concept.vectors)
+        sd.add_tokens(concept.token, init)
+        mean, std = _encode_latents(sd, pixels)
+        ids = sd.tokenize([p.format(concept.token) for p in prompts])
+        prepared.append(_Prepared(concept, mean, std, ids, init, _concept_seed(cfg.seed, concept.token)))
+    return prepared
+
+
+def _set_token_vectors(sd: StableDiffusion, wave: list[_Prepared], vectors: tuple[np.ndarray, ...]) -> None:
+    """Copy a wave's current vectors into the model's placeholder rows (for validation and the final export)."""
+    for e, side in enumerate(sd.text):
+        for s, p in enumerate(wave):
+            start = side.added.index(p.concept.token)
+            side.extra[start:start + p.concept.vectors] = vectors[e][s, :p.concept.vectors]
+
+
+def _validate(sd: StableDiffusion, cfg: TrainConfig, out: Path, step: int, wave: list[_Prepared], resolution: int,
+              mesh) -> None:
+    folder = out / "validation" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    from tix.embedding_files import safe_stem
+
+    for p in wave:
+        prompts = templates.VALIDATION_STYLE if p.concept.style else templates.VALIDATION_OBJECT
+        batch = [t.format(p.concept.token) for _ in range(cfg.validation_seeds) for t in prompts]
+        images = sd.generate(batch, steps=cfg.validation_steps, guidance=cfg.validation_guidance,
+                             sampler=cfg.validation_sampler, seed=cfg.seed, size=resolution, mesh=mesh)
+        grid(images, len(prompts)).save(folder / f"{safe_stem(p.concept.token)}.png")
+
+
+def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool = True) -> Result:
+    """Train every concept of `cfg`; returns the learned vectors. Writes checkpoints, metrics and exports to cfg.out."""
+    cfg.check()
+    out = _prepare_out(cfg)
+    is_main = jax.process_index() == 0
+    if sd is None:
+        sd = tix.load(cfg.model, cfg.dtype, compute_dtype=cfg.compute_dtype)
+    if cfg.remat:
+        sd = dataclasses.replace(sd, unet=sd.unet.clone(remat=True))
+    resolution = cfg.resolution or sd.default_size
+    _check_resolution(sd, resolution)
+    prepared = prepare_concepts(sd, cfg, resolution)
+
+    mesh = parallel.make_mesh(fsdp=cfg.fsdp)
+    devices = mesh.devices.size
+    wave_size = min(cfg.concepts_per_step, len(prepared))
+    slots = wave_size
+    while (slots * cfg.batch_size) % devices:
+        slots += 1  # weight-0 concepts so the batch splits evenly over the devices
+    n_max = max(p.concept.vectors for p in prepared)
+    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum if cfg.scale_lr else 1)
+    optimizer = make_optimizer(lr, cfg.steps, schedule=cfg.lr_schedule, warmup=cfg.warmup_steps,
+                               weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                               max_grad_norm=cfg.max_grad_norm)
+    step_cfg = StepConfig(cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution)
+    repl = parallel.replicated(mesh)
+    frozen = parallel.put_replicated(sd.params, mesh)
+    step_fn = jax.jit(
+        partial(train_step, sd, step_cfg, optimizer, batch_sharding=parallel.batch_sharded(mesh)),
+        donate_argnums=(0,),
+        out_shardings=repl,
+    )
+    waves = [prepared[i:i + wave_size] for i in range(0, len(prepared), wave_size)]
+    metrics_log = MetricsLog(out, enabled=is_main)
+    compiled = None
+    compile_seconds = 0.0
+    final_loss = math.nan
+    rates = []
+    try:
+        for w, wave in enumerate(waves):
+            tables_np, init = _tables(sd, wave, slots, n_max)
+            tables = parallel.put_replicated(tables_np, mesh)
+            vectors = tuple(jnp.asarray(v) for v in init)
+            state = TrainState(vectors, optimizer.init(vectors), jnp.zeros((), jnp.int32))
+            state = parallel.put_replicated(state, mesh)
+            ckpt = Checkpoints(out / "checkpoints" / f"wave-{w:03d}", cfg.keep_checkpoints)
+            tokens = [p.concept.token for p in wave]
+            if cfg.resume and ckpt.latest() is not None:
+                state, meta = ckpt.restore(state)
+                if meta.get("tokens") != tokens:
+                    raise ConfigError(f"checkpoint of wave {w} holds {meta.get('tokens')}, expected {tokens}")
+                state = parallel.put_replicated(state, mesh)
+                log.info("resumed wave %d at step %d", w, int(state.step))
+            if compiled is None:
+                t0 = time.perf_counter()
+                compiled = step_fn.lower(state, frozen, tables).compile()
+                compile_seconds = time.perf_counter() - t0
+                _describe(compiled, slots * cfg.batch_size * cfg.grad_accum, compile_seconds, is_main)
+            state, final_loss, rate = _train_wave(
+                compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, mesh, metrics_log,
+                progress and is_main, f"wave {w + 1}/{len(waves)}" if len(waves) > 1 else "",
+            )
+            rates.append(rate)
+            _set_token_vectors(sd, wave, tuple(np.asarray(v) for v in state.vectors))
+            ckpt.close()
+    finally:
+        metrics_log.close()
+    learned = {
+        p.concept.token: {side.name: np.array(side.extra[side.added.index(p.concept.token):][:p.concept.vectors])
+                          for side in sd.text}
+        for p in prepared
+    }
+    if is_main:
+        _export(sd, cfg, out, prepared, learned)
+    return Result(out, state, [p.concept.token for p in prepared], learned, cfg.steps, final_loss, compile_seconds,
+                  float(np.mean(rates)) if rates else 0.0)
+
+
+def _describe(compiled, images_per_step: int, seconds: float, is_main: bool) -> None:
+    if not is_main:
+        return
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = (cost or {}).get("flops", float("nan"))
+    mem = compiled.memory_analysis()
+    total = sum(getattr(mem, a, 0) or 0 for a in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                 "temp_size_in_bytes", "generated_code_size_in_bytes"))
+    log.info("compiled train step in %.1f s: %.3g GFLOP per image, %.2f GB per device", seconds,
+             flops / max(images_per_step, 1) / 1e9, total / 1e9)
+
+
+def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, mesh, metrics_log,
+                show, label) -> tuple[TrainState, float, float]:
+    from tqdm import tqdm
+
+    start = int(state.step)
+    last_saved = ckpt.latest()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=label or "invert", dynamic_ncols=True)
+    ema = None
+    images = len(wave) * cfg.batch_size * cfg.grad_accum
+    t_last, done_since = time.perf_counter(), 0
+    rate = 0.0
+    pending = None  # (step, metrics) of the previous step, read one step late so the host never stalls the device
+    loss_value = math.nan
+
+    def check(step: int, metrics) -> float:
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise TixError(
+                f"the loss became {loss} at step {step}; training stopped. The last good checkpoint "
+                f"({'step ' + str(last_saved) if last_saved is not None else 'none yet'}) is intact in {ckpt.root}. "
+                "Lower --lr, enable --set max_grad_norm=1.0, or use float32 (--set dtype=float32)."
+            )
+        return loss
+
+    with _Interrupt() as interrupt:
+        step = start
+        while step < cfg.steps:
+            state, metrics = compiled(state, frozen, tables)
+            step += 1
+            if pending is not None:
+                loss_value = check(*pending)
+            pending = (step, metrics)
+            done_since += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss_value = check(*pending)
+                now = time.perf_counter()
+                rate = images * done_since / (now - t_last)
+                t_last, done_since = now, 0
+                ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
+                values = {"loss": loss_value, "images_per_s": rate}
+                for stem, pl, gn in zip(output_stems(tokens), np.asarray(metrics["concept_loss"]),
+                                        np.asarray(metrics["grad_norm"]), strict=False):
+                    values[f"loss/{stem}"] = float(pl)
+                    values[f"grad_norm/{stem}"] = float(gn)
+                metrics_log.log(step, values)
+                bar.set_postfix(loss=f"{ema:.4f}", img_s=f"{rate:.2f}")
+            bar.update(1)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                check(*pending)
+                ckpt.save(step, state, {"tokens": tokens, "config": cfg.identity()})
+                last_saved = step
+            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
+                _set_token_vectors(sd, wave, tuple(np.asarray(v) for v in state.vectors))
+                if jax.process_index() == 0:
+                    _validate(sd, cfg, out, step, wave, resolution, mesh)
+            if interrupt.hit:
+                check(*pending)
+                ckpt.save(step, state, {"tokens": tokens, "config": cfg.identity()})
+                bar.close()
+                raise KeyboardInterrupt(f"interrupted: saved step {step} in {ckpt.root}; continue with --resume")
+    bar.close()
+    if pending is not None:
+        loss_value = check(*pending)
+    return state, loss_value, rate
+
+
+def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, prepared: list[_Prepared],
+            learned: dict[str, dict[str, np.ndarray]]) -> None:
+    from tix import embedding_files, library
+
+    concepts = [embedding_files.Concept(token, vectors) for token, vectors in learned.items()]
+    if len(concepts) == 1:
+        embedding_files.write(concepts[0], out / "learned_embeds.safetensors", format="diffusers")
+    else:
+        embedding_files.write(concepts, out / "embeddings", format="diffusers")
+    library.add_run(out / "tokens", sd, cfg, prepared, learned)
+    loss_curve(out)
+    prompts = list(templates.VALIDATION_STYLE if cfg.style else templates.VALIDATION_OBJECT)
+    write_html(out, f"tix invert: {', '.join(learned)}", list(learned), prompts)
+    warnings.filterwarnings("default")
+
+
+def summary(result: Result) -> str:
+    lines = [f"learned {len(result.tokens)} token(s) in {result.out}:"]
+    lines += [f"  {t}" for t in result.tokens]
+    lines.append(f"  embeddings: {result.out / 'learned_embeds.safetensors'} (diffusers format)")
+    lines.append(f"  report:     {result.out / 'report.html'}")
+    return "\n".join(lines)
