@@ -7,7 +7,6 @@ its diffusers state-dict key without a rename table.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -241,8 +240,3 @@ class Transformer2DModel(nn.Module):
         else:
             x = conv(c, 1, "proj_out", self.dtype)(x.reshape(b, h, w, inner))
         return x + residual
-
-
-def as_tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
-    """An int broadcast to n entries, or a sequence as a tuple (lengths are checked by the configs)."""
-    return (value,) * n if isinstance(value, int) else tuple(value)

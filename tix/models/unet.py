@@ -99,14 +99,16 @@ def _reject(field: str, value: Any, supported: str) -> ConfigError:
 
 def _per_block(cfg: Mapping[str, Any], field: str, n: int) -> tuple[int, ...]:
     value = cfg[field]
-    if isinstance(value, bool) or value is None:
-        raise _reject(field, value, f"an int or a list of {n} ints")
-    if isinstance(value, (int, float)) and float(value).is_integer():
-        return (int(value),) * n
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(value):
+        return (value,) * n
     if (
         isinstance(value, Sequence)
         and len(value) == n
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and all(is_int(v) for v in value)
     ):
         return tuple(value)
     raise _reject(field, value, f"an int or a flat list of {n} ints (one per down block)")
