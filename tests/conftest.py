@@ -21,14 +21,3 @@ def tiny_dirs(tmp_path_factory):
 
     return get
 
-
-def pytest_configure(config):
-    # Until every model exposes init_params the loader relies on; harmless when they do.
-    import jax.numpy as jnp
-
-    from tix.models.vae import AutoencoderKL
-
-    if not hasattr(AutoencoderKL, "init_params"):
-        AutoencoderKL.init_params = lambda self, rng: self.init(rng, jnp.zeros((1, 16, 16, self.config.in_channels)))[
-            "params"
-        ]
