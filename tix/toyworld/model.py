@@ -1,0 +1,356 @@
+"""The toy world's text-to-image model: its configurations and the pure functions that train it from scratch.
+
+The model is Stable Diffusion 1.x in miniature, written as the same diffusers/transformers configs a real checkpoint
+carries, so the saved folder loads through every code path a real SD 1.x checkpoint takes (tix and PyTorch diffusers):
+
+- text encoder: transformers `CLIPTextModel` (quick_gelu, causal, pooled at EOS) over the world's words, one BPE token
+  per word (`tix.tokenizer.write_clip_tokenizer(vocabulary())`), 77 positions like CLIP so diffusers' padding fits;
+- UNet: `UNet2DConditionModel` with 1x1-conv projections and `attention_head_dim` counting heads (SD 1.x conventions);
+- VAE: `AutoencoderKL` with two levels: 32 px images <-> 16 x 16 x 4 latents (SD's latent channels, a downsampling of
+  2 rather than 8 because the world's stripes are 4 px apart and would not survive a coarser grid);
+- scheduler: SD's scaled-linear betas (0.00085 .. 0.012, 1000 steps), epsilon prediction.
+
+Training (driven by ``scripts/train_toyworld.py``) is two stages as in latent diffusion: the VAE alone, then the text
+encoder and UNet jointly on the frozen VAE's latents. Functions here are pure: parameters in, parameters out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tix.models.clip import CLIPTextConfig, CLIPTextModel
+from tix.models.unet import UNet2DConditionModel, UNetConfig
+from tix.models.vae import AutoencoderKL, VAEConfig, sample_latent
+from tix.schedule import NoiseSchedule, add_noise, min_snr_weight
+
+IMAGE_SIZE = 32
+LATENT_SIZE = 16
+
+# A transformers CLIPTextConfig as config.json spells it (vocab_size is filled in from the tokenizer).
+TEXT_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 64,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    # The legacy ids every SD 1.x checkpoint carries; both tix and transformers then pool at the EOS token, which
+    # write_clip_tokenizer gives the largest id, as CLIP's BPE does.
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": LATENT_SIZE,
+    "in_channels": 4,
+    "out_channels": 4,
+    # Cross-attention at 8 x 8 and 4 x 4 (and the mid block) only: attention over the 256 positions of the top
+    # level cost more than the rest of the UNet on a CPU, and what captions name is decided at coarse scales.
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": TEXT_CONFIG["hidden_size"],
+    "norm_num_groups": 8,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+}
+
+VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "act_fn": "silu",
+    "scaling_factor": 1.0,  # replaced by 1 / std of the trained encoder's latents
+    "force_upcast": False,
+    # Without the mid-block attention: on a CPU it doubled the cost of a VAE step and the world has no long-range
+    # structure for it to capture.
+    "mid_block_add_attention": False,
+}
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
+def text_config(vocab_size: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The text encoder's config.json for a tokenizer of `vocab_size` ids, whose EOS is the last id."""
+    return {**TEXT_CONFIG, "vocab_size": vocab_size, **(overrides or {})}
+
+
+def unet_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = {**UNET_CONFIG, **(overrides or {})}
+    cfg["cross_attention_dim"] = cfg.get("cross_attention_dim", TEXT_CONFIG["hidden_size"])
+    return cfg
+
+
+def vae_config(scaling_factor: float = 1.0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**VAE_CONFIG, **(overrides or {}), "scaling_factor": float(scaling_factor)}
+
+
+def build_models(text_cfg: dict[str, Any], unet_cfg: dict[str, Any], vae_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The Linen modules, built through the same `from_diffusers` validation `tix.load` uses on the saved files."""
+    return {
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_diffusers(text_cfg)),
+        "unet": UNet2DConditionModel(UNetConfig.from_diffusers(unet_cfg)),
+        "vae": AutoencoderKL(VAEConfig.from_diffusers(vae_cfg)),
+    }
+
+
+def init_params(models: dict[str, Any], rng: jax.Array) -> dict[str, Any]:
+    """Fresh parameters of every component (Linen's default initialisers)."""
+    k_text, k_unet, k_vae = jax.random.split(rng, 3)
+    vae = models["vae"]
+    images = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, vae.config.in_channels), jnp.float32)
+    return {
+        "text_encoder": models["text_encoder"].init_params(k_text),
+        "unet": models["unet"].init_params(k_unet, height=LATENT_SIZE, width=LATENT_SIZE),
+        "vae": vae.init(k_vae, images)["params"],
+    }
+
+
+def to_model_range(images: np.ndarray | jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 in [-1, 1], the range SD's VAE sees."""
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+# ---- stage 1: the VAE -------------------------------------------------------------------------------------------
+
+
+def vae_loss(
+    vae: AutoencoderKL, params: dict[str, Any], images: jax.Array, rng: jax.Array, kl_weight: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """L1 + L2 reconstruction of a posterior sample, plus a small KL to N(0, 1) (per latent element), as in
+    latent diffusion's autoencoder without its adversarial and perceptual terms: the world has no texture a
+    pixel loss misses."""
+    mean, logvar = vae.apply({"params": params}, images, method=vae.encode)
+    z = sample_latent(rng, mean, logvar)
+    recon = vae.apply({"params": params}, z, method=vae.decode).astype(jnp.float32)
+    err = recon - images
+    l1 = jnp.mean(jnp.abs(err))
+    l2 = jnp.mean(err * err)
+    kl = 0.5 * jnp.mean(mean * mean + jnp.exp(logvar) - 1.0 - logvar)
+    return l1 + l2 + kl_weight * kl, {"l1": l1, "l2": l2, "kl": kl}
+
+
+def make_vae_step(vae: AutoencoderKL, optimizer: optax.GradientTransformation, kl_weight: float) -> Callable:
+    """A jitted `(params, opt_state, images_uint8, rng) -> (params, opt_state, metrics)`."""
+
+    @jax.jit
+    def step(params, opt_state, images, rng):
+        grad_fn = jax.value_and_grad(partial(vae_loss, vae), has_aux=True)
+        (loss, aux), grads = grad_fn(params, to_model_range(images), rng, kl_weight)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, **aux}
+
+    return step
+
+
+def make_encode(vae: AutoencoderKL) -> Callable:
+    """A jitted `(params, images_uint8) -> (mean, logvar)` of the posterior, unscaled."""
+
+    @jax.jit
+    def encode(params, images):
+        return vae.apply({"params": params}, to_model_range(images), method=vae.encode)
+
+    return encode
+
+
+def make_decode(vae: AutoencoderKL) -> Callable:
+    """A jitted `(params, unscaled_latents) -> uint8 images`."""
+
+    @jax.jit
+    def decode(params, latents):
+        x = vae.apply({"params": params}, latents, method=vae.decode)
+        return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+    return decode
+
+
+def latent_scaling_factor(means: np.ndarray) -> float:
+    """SD's rule: 1 / std of the (unscaled) latents over a sample of images, so the UNet sees unit variance."""
+    return float(1.0 / np.std(np.asarray(means, np.float64)))
+
+
+# ---- stage 2: text encoder + UNet -------------------------------------------------------------------------------
+
+
+def diffusion_loss(
+    models: dict[str, Any],
+    schedule: NoiseSchedule,
+    trainable: dict[str, Any],
+    latents: jax.Array,
+    ids: jax.Array,
+    rng: jax.Array,
+    snr_gamma: float | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The epsilon loss of SD training on already scaled latents, with the text encoder trained through it.
+
+    Timesteps are uniform over the 1000 training steps. With `snr_gamma`, each example's loss is weighted by
+    min-SNR-gamma (`tix.schedule.min_snr_weight`), which spends less of a small budget on nearly noise-free steps.
+    """
+    k_t, k_noise = jax.random.split(rng)
+    b = latents.shape[0]
+    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    noisy = add_noise(schedule, latents, noise, t)
+    context = models["text_encoder"].apply({"params": trainable["text_encoder"]}, ids).last_hidden_state
+    pred = models["unet"].apply({"params": trainable["unet"]}, noisy, t, context).astype(jnp.float32)
+    per_example = jnp.mean((pred - noise) ** 2, axis=(1, 2, 3))
+    mse = jnp.mean(per_example)
+    if snr_gamma is None:
+        return mse, {"mse": mse}
+    weight = min_snr_weight(schedule, t, snr_gamma)
+    return jnp.mean(weight * per_example), {"mse": mse}
+
+
+def make_diffusion_step(
+    models: dict[str, Any],
+    schedule: NoiseSchedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    snr_gamma: float | None = 5.0,
+    ema_decay: float = 0.999,
+) -> Callable:
+    """A jitted `(trainable, ema, opt_state, latent_mean, latent_logvar, scaling, ids, rng) -> (trainable, ema,
+    opt_state, metrics)`: samples the posterior (as SD trains), scales it, takes one AdamW step on the text encoder
+    and UNet together, and updates an exponential moving average of their weights (warmed up as 1 - 1/(10 + n) so
+    early averages are not dominated by the random initialisation)."""
+
+    @jax.jit
+    def step(trainable, ema, opt_state, mean, logvar, scaling, ids, rng, count):
+        k_post, k_loss = jax.random.split(rng)
+        latents = sample_latent(k_post, mean, logvar) * scaling
+        grad_fn = jax.value_and_grad(partial(diffusion_loss, models, schedule), has_aux=True)
+        (loss, aux), grads = grad_fn(trainable, latents, ids, k_loss, snr_gamma)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        decay = jnp.minimum(ema_decay, 1.0 - 1.0 / (10.0 + count))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, trainable)
+        return trainable, ema, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return step
+
+
+def adamw(lr: float, steps: int, *, warmup: int = 200, weight_decay: float = 1e-2, clip: float = 1.0):
+    """AdamW with linear warmup, cosine decay to a tenth, and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2), lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+class CaptionIds:
+    """Token ids for captions, memoised: the world's captions come from a few thousand distinct strings, and the
+    Python BPE tokenizer is the slowest part of feeding the model on a CPU."""
+
+    def __init__(self, tokenizer: Any, length: int = 77):
+        self.tokenizer = tokenizer
+        self.length = length
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, captions: Sequence[str]) -> np.ndarray:
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.length, truncation=True).input_ids
+            self.cache.update(zip(missing, np.asarray(ids, np.int32), strict=True))
+        return np.stack([self.cache[c] for c in captions])
+
+
+# ---- saving -----------------------------------------------------------------------------------------------------
+
+
+def save_pipeline(
+    folder: str | Path,
+    params: dict[str, Any],
+    configs: dict[str, dict[str, Any]],
+    *,
+    dtype: Any = np.float16,
+) -> Path:
+    """Write a diffusers StableDiffusionPipeline folder: model_index.json, unet/, vae/, text_encoder/ (transformers
+    layout, "text_model."-prefixed keys), tokenizer/ and scheduler/.
+
+    UNet and VAE weights are stored in `dtype` (fp16 halves the package; tix.load and diffusers cast them to the
+    dtype asked for, float32 by default). The text encoder stays float32: transformers 5 loads a checkpoint in its
+    stored dtype unless told otherwise, so fp16 text weights beside diffusers' float32 UNet would make a plain
+    `StableDiffusionPipeline.from_pretrained(folder)` fail on a Half/Float mismatch."""
+    from safetensors.numpy import save_file
+
+    from tix.tokenizer import write_clip_tokenizer
+    from tix.toyworld.world import vocabulary
+    from tix.weights import to_torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(component: str, filename: str, tree: dict[str, Any], config: dict[str, Any], config_name: str) -> None:
+        sub = folder / component
+        sub.mkdir(exist_ok=True)
+        kind = np.float32 if component == "text_encoder" else dtype
+        state = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(kind)) for k, v in to_torch(tree).items()}
+        save_file(state, str(sub / filename), metadata={"format": "pt"})
+        (sub / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    write("unet", "diffusion_pytorch_model.safetensors", params["unet"], configs["unet"], "config.json")
+    write("vae", "diffusion_pytorch_model.safetensors", params["vae"], configs["vae"], "config.json")
+    write("text_encoder", "model.safetensors", params["text_encoder"], configs["text_encoder"], "config.json")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2) + "\n")
+    write_clip_tokenizer(folder / "tokenizer", vocabulary())
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
