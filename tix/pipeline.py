@@ -107,6 +107,9 @@ class StableDiffusion:
             raise TixError(f"{token}: the text encoders' vector counts differ ({sorted(n)}); they must be equal")
         (count,) = n
         names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        # Check every encoder before changing any: a refusal on text_encoder_2 must not leave the token half-added
+        # to text_encoder (its tokenizer would then be out of step with `added`).
+        checked = []
         for side, vecs in zip(self.text, vectors, strict=True):
             for name in names:
                 if name in side.added or self._in_base_vocab(side, name):
@@ -122,6 +125,8 @@ class StableDiffusion:
                     f"{token}: vectors of width {vecs.shape[-1]} do not fit {side.name} of width {side.width} "
                     f"(this is a {self.kind} model); the embedding was trained for a different model family"
                 )
+            checked.append(vecs)
+        for side, vecs in zip(self.text, checked, strict=True):
             side.tokenizer.add_tokens(names)
             side.added.extend(names)
             side.extra = vecs if side.extra is None else np.concatenate([side.extra, vecs])
@@ -151,8 +156,11 @@ class StableDiffusion:
         from tix import embedding_files
 
         names = []
-        for concept in embedding_files.read(source, token=token):
+        concepts = embedding_files.read(source, token=token)
+        # All checked before any is added, so a folder with one unfit file adds nothing.
+        for concept in concepts:
             embedding_files.check_compatible(concept, {s.name: s.width for s in self.text}, self.kind)
+        for concept in concepts:
             vectors = [concept.vectors[s.name] for s in self.text]
             self.add_tokens(concept.token, vectors)
             names.append(concept.token)
