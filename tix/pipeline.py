@@ -138,18 +138,35 @@ class StableDiffusion:
         return len(ids) == 1 and ids[0] < len(side.tokenizer) - len(side.added)
 
     def expand_prompt(self, prompt: str) -> str:
-        """Spell multi-vector tokens out (`<t>` -> `<t> <t>_1 <t>_2`) as diffusers' maybe_convert_prompt does."""
-        added = set(self.text[0].added)
-        for token in sorted(added, key=len, reverse=True):
-            if re.search(r"_\d+$", token) and token.rsplit("_", 1)[0] in added:
-                continue
+        """Spell multi-vector tokens out (`<t>` -> `<t> <t>_1 <t>_2`) as diffusers' maybe_convert_prompt does.
+
+        A token is expanded wherever the CLIP tokenizer will split it out, so every occurrence gets all its vectors:
+        the tokenizer finds added tokens anywhere in the text (also next to punctuation or inside a word, as in
+        "(<t>)", "<t>s", "a,<t>"), ignoring case (CLIP lower-cases text first), longest name first. A spelled-out
+        sub-token such as `<t>_1` is left alone.
+        """
+        added = self.text[0].added
+        if not added:
+            return prompt
+        canonical = {name.lower(): name for name in added}
+        counts = {}
+        for name in added:
             count = 1
-            while f"{token}_{count}" in added:
+            while f"{name}_{count}" in canonical.values():
                 count += 1
-            if count > 1:
-                spelled = " ".join([token] + [f"{token}_{i}" for i in range(1, count)])
-                prompt = re.sub(rf"(?<!\S){re.escape(token)}(?![\w-])(?!_\d)", spelled, prompt)
-        return prompt
+            counts[name] = count
+        if max(counts.values()) == 1:
+            return prompt
+        # One pass over an alternation ordered longest first finds the same matches as the tokenizer's trie.
+        pattern = "|".join(re.escape(name) for name in sorted(canonical.values(), key=len, reverse=True))
+
+        def spell(match: re.Match) -> str:
+            name = canonical[match.group(0).lower()]
+            if counts[name] == 1:
+                return match.group(0)
+            return " ".join([name] + [f"{name}_{i}" for i in range(1, counts[name])])
+
+        return re.sub(pattern, spell, prompt, flags=re.IGNORECASE)
 
     def load_embeddings(self, source: Any, token: str | None = None) -> list[str]:
         """Add the tokens of an embedding file (any format tix reads) or dict to this model; returns their names."""
