@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +23,9 @@ import orbax.checkpoint as ocp
 import tix
 from tix.embedding_files import Concept, safe_stem
 from tix.errors import TixError
+
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{8}")
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 META_FIELDS = ("token", "base_model", "family", "table_hash", "vectors", "init", "style", "steps", "lr",
                "images_hash", "date", "tix_version")
@@ -47,6 +51,11 @@ class Entry:
     path: Path
 
 
+def _complete(folder: Path) -> bool:
+    return bool(_ENTRY_NAME.fullmatch(folder.name)) and not folder.name.endswith(_ORBAX_TMP) and folder.is_dir() \
+        and (folder / "meta").exists() and (folder / "vectors").exists()
+
+
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
@@ -60,22 +69,30 @@ class Library:
     def _folders(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        # Finished orbax saves are renamed into place; temporary ones carry ".orbax-checkpoint-tmp" in their name.
-        return sorted(p for p in self.root.iterdir()
-                      if p.is_dir() and "tmp" not in p.name and (p / "meta").exists() and (p / "vectors").exists())
+        # Finished orbax saves are renamed into place as `<stem>-<8 hex>`; unfinished ones end in
+        # ".orbax-checkpoint-tmp" and folders being removed in ".tmp-deleting". Matching the whole entry name (rather
+        # than looking for "tmp" anywhere) keeps tokens such as "<tmp-cat>" listed.
+        return sorted(p for p in self.root.iterdir() if _complete(p))
 
     def entries(self) -> list[Entry]:
         out = []
         for folder in self._folders():
             try:
-                out.append(self._read(folder))
+                out.append(self.read(folder))
             except Exception as err:  # a damaged entry must not hide the others
                 import warnings
 
                 warnings.warn(f"skipping unreadable concept folder {folder}: {err}", stacklevel=2)
         return out
 
-    def _read(self, folder: Path) -> Entry:
+    def is_entry(self, folder: str | Path) -> bool:
+        """Whether `folder` is one finished concept of this library."""
+        folder = Path(folder).absolute()
+        return folder.parent == self.root and _complete(folder)
+
+    def read(self, folder: str | Path) -> Entry:
+        """The concept stored in `folder` (one of this library's entry folders)."""
+        folder = Path(folder).absolute()
         restored = _checkpointer().restore(
             folder, args=ocp.args.Composite(vectors=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         )
@@ -84,11 +101,15 @@ class Library:
         return Entry(Concept(meta["token"], vectors), meta, folder)
 
     def get(self, token: str) -> Entry:
-        for entry in self.entries():
+        # The folder name is a function of the token, so one concept is read without restoring all the others.
+        folder = self._folder_for(token)
+        if _complete(folder):
+            entry = self.read(folder)
             if entry.concept.token == token:
                 return entry
-        known = ", ".join(e.concept.token for e in self.entries()) or "none"
-        raise TixError(f"no concept {token!r} in the library {self.root} (it holds: {known})")
+        known = [e.concept.token for e in self.entries()]
+        shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+        raise TixError(f"no concept {token!r} in the library {self.root} (it holds: {shown or 'none'})")
 
     def _folder_for(self, token: str) -> Path:
         digest = hashlib.sha256(token.encode()).hexdigest()[:8]
@@ -114,6 +135,8 @@ class Library:
         folder = self.get(token).path
         # Rename first so a crash mid-delete never leaves a half-deleted folder that looks like a concept.
         trash = folder.with_name(folder.name + ".tmp-deleting")
+        if trash.exists():  # left by an earlier remove that was killed
+            shutil.rmtree(trash)
         folder.rename(trash)
         shutil.rmtree(trash)
 
