@@ -60,8 +60,11 @@ def _export(args: argparse.Namespace) -> None:
     from tix.library import Library
 
     source = Path(args.source)
-    library_root = source / "tokens" if (source / "tokens").is_dir() else source
-    entries = Library(library_root).entries()
+    if Library(source.parent).is_entry(source):  # one concept folder inside a library
+        entries = [Library(source.parent).read(source)]
+    else:
+        library_root = source / "tokens" if (source / "tokens").is_dir() else source
+        entries = Library(library_root).entries()
     if args.token:
         entries = [e for e in entries if e.concept.token == args.token]
     if not entries:
@@ -76,6 +79,10 @@ def _concepts(args: argparse.Namespace) -> None:
     from tix.library import Library
 
     library = Library(args.library)
+    if args.action in ("show", "rm") and not args.token:
+        raise TixError(f"tix concepts {args.action} needs the token: tix concepts {args.action} LIBRARY TOKEN")
+    if args.action == "merge" and not args.other:
+        raise TixError("tix concepts merge needs the library to copy from: --other LIBRARY")
     if args.action == "list":
         for entry in library.entries():
             m = entry.meta
