@@ -95,15 +95,15 @@ def load(
     unet = UNet2DConditionModel(unet_cfg, dtype=compute)
     vae = AutoencoderKL(vae_cfg, dtype=compute)
     params: dict[str, Any] = {
-        "unet": _load_params(folder, "unet", unet, param_dtype),
-        "vae": _load_params(folder, "vae", vae, param_dtype, rename=rename_legacy_vae_keys),
+        "unet": _load_params(folder, "unet", unet, param_dtype, variant=variant),
+        "vae": _load_params(folder, "vae", vae, param_dtype, variant=variant, rename=rename_legacy_vae_keys),
     }
     sides = []
     names = ["text_encoder"] + (["text_encoder_2"] if (folder / "text_encoder_2").is_dir() else [])
     for name in names:
         cfg = clip.CLIPTextConfig.from_diffusers(_component_config(folder, name))
         model = clip.CLIPTextModel(cfg, dtype=compute)
-        params[name] = _load_params(folder, name, model, param_dtype, rename=clip.normalize_torch_keys,
+        params[name] = _load_params(folder, name, model, param_dtype, variant=variant, rename=clip.normalize_torch_keys,
                                     ignore=clip.TORCH_IGNORE)
         tok_dir = folder / ("tokenizer_2" if name == "text_encoder_2" else "tokenizer")
         if not tok_dir.is_dir():
@@ -167,13 +167,19 @@ def _hub_snapshot(repo_id: str, variant: str | None) -> Path:
     """Download (or find in the cache, offline too) only the configs, tokenizers and one weights file per component."""
     import huggingface_hub as hub
 
-    try:
-        files = hub.list_repo_files(repo_id) if not hub.constants.HF_HUB_OFFLINE else None
-    except Exception:  # offline or unreachable: fall back to whatever the cache holds
-        files = None
+    # A submodule: `hub.constants` is not an attribute of the lazily-imported package until it is imported.
+    from huggingface_hub import constants as hub_constants
+
+    files = None
+    if not hub_constants.HF_HUB_OFFLINE:
+        try:
+            files = hub.list_repo_files(repo_id)
+        except Exception:  # unreachable: fall back to whatever the cache holds
+            files = None
     patterns = list(HUB_CONFIG_PATTERNS)
     if files is None:
-        patterns += ["*.safetensors", "*.safetensors.index.json"]
+        # Component folders only: a bare "*.safetensors" would also match single-file checkpoints at the repo root.
+        patterns += [f"{c}/*.safetensors*" for c in WEIGHT_NAMES]
     else:
         for component, base in WEIGHT_NAMES.items():
             names = {f.split("/", 1)[1] for f in files if f.startswith(component + "/")}
@@ -189,20 +195,32 @@ def _hub_snapshot(repo_id: str, variant: str | None) -> Path:
 
 
 def _choose_weights(names: set[str], base: str, variant: str | None) -> list[str]:
-    """The weight files to read for one component, best first: safetensors (variant if asked), shards, then .bin."""
-    order = [f"{base}.{variant}.safetensors"] if variant else []
-    order += [f"{base}.safetensors", f"{base}.fp16.safetensors"]
-    for name in order:
-        if name in names:
-            return [name]
-    for index in ([f"{base}.{variant}.safetensors.index.json"] if variant else []) + [f"{base}.safetensors.index.json"]:
-        if index in names:
-            stem = index[: -len(".safetensors.index.json")]
-            return [index] + sorted(n for n in names if n.startswith(stem + "-") and n.endswith(".safetensors"))
-    for name in ([f"{base}.{variant}.bin"] if variant else []) + [f"{base}.bin"]:
+    """The weight files to read for one component: the asked variant first (one file or shards), then the full
+    weights, then fp16 as a last resort; safetensors before any .bin. One variant only, never both."""
+    preference = list(dict.fromkeys([variant, None, "fp16"]))
+    for v in preference:
+        single = f"{base}.{v}.safetensors" if v else f"{base}.safetensors"
+        if single in names:
+            return [single]
+        # diffusers and transformers name a variant's index `<base>.safetensors.index.<variant>.json` and its shards
+        # `<base>.<variant>-00001-of-0000N.safetensors`; the other spelling of the index is accepted too.
+        stem = f"{base}.{v}" if v else base
+        indexes = [f"{base}.safetensors.index.{v}.json", f"{stem}.safetensors.index.json"] if v else [
+            f"{base}.safetensors.index.json"]
+        for index in indexes:
+            if index in names:
+                return [index] + sorted(n for n in names if n.startswith(stem + "-") and n.endswith(".safetensors"))
+    bin_base = _bin_base(base)
+    for v in preference:
+        name = f"{bin_base}.{v}.bin" if v else f"{bin_base}.bin"
         if name in names:
             return [name]
     return []
+
+
+def _bin_base(base: str) -> str:
+    # transformers names its pickles pytorch_model.bin but its safetensors model.safetensors; diffusers uses one stem.
+    return "pytorch_model" if base == "model" else base
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -233,10 +251,10 @@ def read_state_dict(folder: Path, base: str, variant: str | None = None) -> dict
     if not chosen:
         raise CheckpointError(
             f"{folder}: no weights found (looked for {base}.safetensors, {base}.fp16.safetensors, sharded "
-            f"{base}.safetensors.index.json and {base}.bin)"
+            f"{base}.safetensors.index.json and {_bin_base(base)}.bin)"
         )
     first = folder / chosen[0]
-    if first.name.endswith(".index.json"):
+    if first.suffix == ".json":  # a shard index, `.safetensors.index.json` or a variant's `.index.fp16.json`
         weight_map = _read_json(first).get("weight_map", {})
         state: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
@@ -265,8 +283,10 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
-def _load_params(folder: Path, component: str, module: Any, dtype: Any, *, rename=None, ignore=()) -> dict[str, Any]:
-    state = read_state_dict(folder / component, WEIGHT_NAMES[component])
+def _load_params(
+    folder: Path, component: str, module: Any, dtype: Any, *, variant: str | None = None, rename=None, ignore=()
+) -> dict[str, Any]:
+    state = read_state_dict(folder / component, WEIGHT_NAMES[component], variant)
     if rename is not None:
         state = rename(state)
     abstract = jax.eval_shape(module.init_params, jax.random.key(0))
