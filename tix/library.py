@@ -57,6 +57,7 @@ def _complete(folder: Path) -> bool:
 
 
 def _checkpointer() -> ocp.Checkpointer:
+    # In a multi-host run every process calls save and orbax's primary host (process 0) alone writes.
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
@@ -132,13 +133,20 @@ class Library:
         return folder
 
     def remove(self, token: str) -> None:
+        import jax
+
         folder = self.get(token).path
-        # Rename first so a crash mid-delete never leaves a half-deleted folder that looks like a concept.
-        trash = folder.with_name(folder.name + ".tmp-deleting")
-        if trash.exists():  # left by an earlier remove that was killed
+        if jax.process_index() == 0:  # one writer in a multi-host run
+            # Rename first so a crash mid-delete never leaves a half-deleted folder that looks like a concept.
+            trash = folder.with_name(folder.name + ".tmp-deleting")
+            if trash.exists():  # left by an earlier remove that was killed
+                shutil.rmtree(trash)
+            folder.rename(trash)
             shutil.rmtree(trash)
-        folder.rename(trash)
-        shutil.rmtree(trash)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"tix library: removed {folder.name}")
 
     def merge(self, other: Library, *, replace: bool = False) -> list[str]:
         """Copy every concept of `other` into this library; returns the tokens added."""
@@ -153,7 +161,8 @@ class Library:
 
 
 def add_run(root: Path, sd: Any, cfg: Any, prepared: list[Any], learned: dict[str, dict[str, np.ndarray]]) -> Library:
-    """Record a finished run's concepts, with their provenance, in the library at `root`."""
+    """Record a finished run's concepts, with their provenance, in the library at `root`. Every process of a
+    multi-host run calls this (orbax coordinates them); only process 0 writes."""
     library = Library(root)
     tables = {side.name: table_hash(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"])
               for side in sd.text}

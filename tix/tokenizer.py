@@ -19,7 +19,8 @@ END = "<|endoftext|>"
 @lru_cache(maxsize=1)
 def byte_alphabet() -> tuple[str, ...]:
     """The 256 printable stand-ins byte-level BPE (GPT-2/CLIP) uses for bytes, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:

@@ -1,8 +1,8 @@
 """Moving weights between PyTorch's layout (diffusers/transformers state dicts) and tix's Flax parameter trees.
 
 tix's Linen modules are named after the attributes of the PyTorch modules they mirror, with list members written
-``name_<i>`` (``down_blocks_0``). So a Flax parameter path determines its PyTorch key and the conversion is one mechanism
-for every model: no per-model rename tables to drift out of date.
+``name_<i>`` (``down_blocks_0``). So a Flax parameter path determines its PyTorch key and the conversion is one
+mechanism for every model: no per-model rename tables to drift out of date.
 """
 
 from __future__ import annotations
@@ -165,7 +165,10 @@ def to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a .safetensors file into numpy arrays, memory-mapped, bfloat16 included (numpy has no bfloat16 of its own)."""
+    """Read a .safetensors file into numpy arrays, memory-mapped, bfloat16 included.
+
+    safetensors' own numpy loader cannot return bfloat16 (numpy has no such dtype); the format is a JSON header and
+    raw little-endian buffers, so tix maps it directly and views bfloat16 through ml_dtypes."""
     path = Path(path)
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))

@@ -71,7 +71,11 @@ class TrainConfig:
     validation_sampler: str = "dpm++2m"
     validation_seeds: int = 2
     log_every: int = 10
-    fsdp: int = 1
+    fsdp: int = 1  # >1: split the frozen weights over this many devices (for models that do not fit one)
+    # many hosts: explicit coordinator for clusters JAX cannot auto-detect (Cloud TPU, SLURM and MPI are detected)
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
     resume: bool = False
     overwrite: bool = False
 
@@ -102,7 +106,8 @@ class TrainConfig:
     def identity(self) -> str:
         """A hash of the fields that define what the run computes (not where or how often it logs or saves)."""
         volatile = {"resume", "overwrite", "save_every", "keep_checkpoints", "validate_every", "log_every", "steps",
-                    "out", "validation_steps", "validation_guidance", "validation_sampler", "validation_seeds"}
+                    "out", "validation_steps", "validation_guidance", "validation_sampler", "validation_seeds",
+                    "coordinator_address", "num_processes", "process_id"}
         core = {k: v for k, v in dataclasses.asdict(self).items() if k not in volatile}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 

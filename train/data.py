@@ -129,15 +129,18 @@ def crops(
     return out
 
 
-def load_concept_pixels(concept: Concept, cfg: TrainConfig, resolution: int) -> tuple[np.ndarray, tuple[str, ...]]:
+def load_concept_pixels(
+    concept: Concept, cfg: TrainConfig, resolution: int
+) -> tuple[np.ndarray, tuple[str, ...], list[Path]]:
     """[n_images, views, H, W, 3] pixels of the usable images (views: each crop, then its mirror image), and the
-    prompts aligned with them."""
+    prompts aligned with them, and the files used."""
     rng = np.random.default_rng(cfg.seed)
-    images, prompts = [], []
+    images, prompts, used = [], [], []
     for i, path in enumerate(concept.images):
         image = load_image(path)
         if image is None:
             continue
+        used.append(path)
         views = crops(image, resolution, center=cfg.center_crop, count=cfg.random_crops, rng=rng)
         images.append(np.stack([x for v in views for x in (v, v[:, ::-1])]))
         if concept.per_image_captions:
@@ -147,4 +150,4 @@ def load_concept_pixels(concept: Concept, cfg: TrainConfig, resolution: int) -> 
             f"{concept.token}: no usable image in {concept.images[0].parent if concept.images else 'its folder'} "
             f"(jpg, png or webp files that open); add 3-5 images of the concept"
         )
-    return np.stack(images), tuple(prompts) if concept.per_image_captions else concept.prompts
+    return np.stack(images), tuple(prompts) if concept.per_image_captions else concept.prompts, used

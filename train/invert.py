@@ -14,6 +14,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import numpy as np
 import yaml
 
 import tix
-from tix import parallel, templates
+from tix import library, parallel, templates
 from tix.embedding_files import output_stems
 from tix.errors import ConfigError, TixError
 from tix.pipeline import StableDiffusion
@@ -29,7 +30,7 @@ from train import data
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.report import MetricsLog, grid, loss_curve, write_html
-from train.step import StepConfig, Tables, TrainState, make_optimizer, train_step
+from train.step import Layout, StepConfig, Tables, TrainState, make_optimizer, train_step
 
 log = logging.getLogger("tix")
 
@@ -44,6 +45,7 @@ class Result:
     final_loss: float
     compile_seconds: float
     images_per_second: float
+    images_read: list[Path]  # the image files this process decoded (its share of the data)
 
 
 class _Interrupt:
@@ -88,6 +90,10 @@ def _prepare_out(cfg: TrainConfig) -> Path:
             )
     elif cfg.resume:
         raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml)")
+    if jax.process_count() > 1:  # every host checks the folder before the first one writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("tix: run folder checked")
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         saved.write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
@@ -140,10 +146,9 @@ def _encode_latents(sd: StableDiffusion, pixels: np.ndarray, chunk: int = 8) -> 
 
 @dataclasses.dataclass
 class _Prepared:
+    """What every process knows about a concept (cheap: no image is decoded)."""
+
     concept: data.Concept
-    mean: np.ndarray  # [I, V, h, w, c]
-    std: np.ndarray
-    prompt_ids: tuple[np.ndarray, ...]  # per encoder [P, 77]; placeholders still global ids
     init: list[np.ndarray]
     seed: int
 
@@ -155,45 +160,8 @@ def _concept_seed(run_seed: int, token: str) -> int:
     return (run_seed * 1_000_003 + zlib.crc32(token.encode())) % (2**32)
 
 
-def _tables(sd: StableDiffusion, wave: list[_Prepared], slots: int, n_max: int) -> tuple[Tables, np.ndarray]:
-    """Stack a wave's concepts (padded to `slots` with weight-0 copies) into device tables. Placeholder ids are
-    renumbered so concept s, vector j reads row s * n_max + j of the wave's vectors."""
-    padded = wave + [wave[0]] * (slots - len(wave))
-    i_max = max(p.mean.shape[0] for p in padded)
-    p_max = max(p.prompt_ids[0].shape[0] for p in padded)
-
-    def pad(a, n):
-        return np.concatenate([a, np.repeat(a[-1:], n - a.shape[0], axis=0)]) if a.shape[0] < n else a
-
-    prompt_ids = []
-    for e, side in enumerate(sd.text):
-        per = []
-        for s, p in enumerate(padded):
-            ids = p.prompt_ids[e].copy()
-            first = side.vocab_size + side.added.index(p.concept.token)
-            mask = (ids >= first) & (ids < first + p.concept.vectors)
-            ids[mask] = side.vocab_size + s * n_max + (ids[mask] - first)
-            per.append(pad(ids, p_max))
-        prompt_ids.append(np.stack(per))
-    tables = Tables(
-        latent_mean=np.stack([pad(p.mean, i_max) for p in padded]),
-        latent_std=np.stack([pad(p.std, i_max) for p in padded]),
-        n_images=np.array([p.mean.shape[0] for p in padded], np.int32),
-        n_crops=np.array([p.mean.shape[1] // 2 for p in padded], np.int32),
-        prompt_ids=tuple(prompt_ids),
-        n_prompts=np.array([p.prompt_ids[0].shape[0] for p in padded], np.int32),
-        per_image=np.array([p.concept.per_image_captions for p in padded]),
-        seeds=np.array([p.seed for p in padded], np.uint32),
-        weight=np.array([1.0] * len(wave) + [0.0] * (slots - len(wave)), np.float32),
-    )
-    init = tuple(
-        np.stack([np.pad(p.init[e], ((0, n_max - p.init[e].shape[0]), (0, 0))) for p in padded]).astype(np.float32)
-        for e in range(len(sd.text))
-    )
-    return tables, init
-
-
-def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig, resolution: int) -> list[_Prepared]:
+def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
+    """Resolve every concept and register its token (with its initial vectors) on every process."""
     specs = data.concept_specs(cfg)
     tokens = [s.token for s in specs]
     if len(set(tokens)) != len(tokens):
@@ -201,13 +169,95 @@ def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig, resolution: int) -> 
     prepared = []
     for spec in specs:
         concept = data.resolve_concept(spec, cfg)
-        pixels, prompts = data.load_concept_pixels(concept, cfg, resolution)
+        if not concept.images:
+            raise TixError(
+                f"{concept.token}: no jpg, png or webp image in {spec.images}; add 3-5 images of the concept"
+            )
         init = init_vectors(sd, concept.init, concept.vectors)
         sd.add_tokens(concept.token, init)
-        mean, std = _encode_latents(sd, pixels)
-        ids = sd.tokenize([p.format(concept.token) for p in prompts])
-        prepared.append(_Prepared(concept, mean, std, ids, init, _concept_seed(cfg.seed, concept.token)))
+        prepared.append(_Prepared(concept, init, _concept_seed(cfg.seed, concept.token)))
     return prepared
+
+
+def _views(cfg: TrainConfig) -> int:
+    return 2 * (1 if cfg.center_crop else cfg.random_crops)
+
+
+def _slot_tables(sd: StableDiffusion, cfg: TrainConfig, p: _Prepared | None, slot: int, n_max: int, resolution: int,
+                 i_max: int, p_max: int) -> dict[str, Any]:
+    """One slot's rows of the tables. Decodes and encodes the concept's images (the expensive part, done only by the
+    process whose devices use them). `p=None` is a weight-0 filler slot."""
+    latent = resolution // sd.vae_scale_factor
+    shape = (i_max, _views(cfg), latent, latent, sd.unet.config.in_channels)
+    if p is None:
+        ids = sd.tokenize([""])
+        return dict(latent_mean=np.zeros(shape, np.float32), latent_std=np.ones(shape, np.float32), n_images=1,
+                    n_crops=1, prompt_ids=tuple(np.repeat(i, p_max, axis=0) for i in ids), n_prompts=1,
+                    per_image=False, seed=0, weight=0.0, files=[])
+    pixels, prompts, files = data.load_concept_pixels(p.concept, cfg, resolution)
+    mean, std = _encode_latents(sd, pixels)
+    ids = sd.tokenize([t.format(p.concept.token) for t in prompts])
+    prompt_ids = []
+    for e, side in enumerate(sd.text):
+        # Renumber placeholder ids so slot s, vector j reads row s * n_max + j of the step's vectors.
+        side_ids = ids[e].copy()
+        first = side.vocab_size + side.added.index(p.concept.token)
+        mask = (side_ids >= first) & (side_ids < first + p.concept.vectors)
+        side_ids[mask] = side.vocab_size + slot * n_max + (side_ids[mask] - first)
+        prompt_ids.append(_pad_to(side_ids, p_max))
+    return dict(latent_mean=_pad_to(mean, i_max), latent_std=_pad_to(std, i_max), n_images=mean.shape[0],
+                n_crops=mean.shape[1] // 2, prompt_ids=tuple(prompt_ids), n_prompts=ids[0].shape[0],
+                per_image=p.concept.per_image_captions, seed=p.seed, weight=1.0, files=files)
+
+
+def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([a, np.repeat(a[-1:], n - a.shape[0], axis=0)]) if a.shape[0] < n else a
+
+
+def _tables(sd: StableDiffusion, cfg: TrainConfig, wave: list[_Prepared], slots: int, n_max: int, resolution: int,
+            owned: range) -> tuple[Tables, list[Path]]:
+    """The wave's tables for the slots in `owned` (this process's share), stacked; and the image files decoded."""
+    i_max = max(len(p.concept.images) for p in wave)
+    p_max = max(len(p.concept.prompts) for p in wave)
+    parts = [_slot_tables(sd, cfg, wave[s] if s < len(wave) else None, s, n_max, resolution, i_max, p_max)
+             for s in owned]
+    tables = Tables(
+        latent_mean=np.stack([q["latent_mean"] for q in parts]),
+        latent_std=np.stack([q["latent_std"] for q in parts]),
+        n_images=np.array([q["n_images"] for q in parts], np.int32),
+        n_crops=np.array([q["n_crops"] for q in parts], np.int32),
+        prompt_ids=tuple(np.stack([q["prompt_ids"][e] for q in parts]) for e in range(len(sd.text))),
+        n_prompts=np.array([q["n_prompts"] for q in parts], np.int32),
+        per_image=np.array([q["per_image"] for q in parts]),
+        seeds=np.array([q["seed"] for q in parts], np.uint32),
+        weight=np.array([q["weight"] for q in parts], np.float32),
+    )
+    return tables, [f for q in parts for f in q["files"]]
+
+
+def _initial_vectors(sd: StableDiffusion, wave: list[_Prepared], slots: int, n_max: int) -> tuple[np.ndarray, ...]:
+    out = []
+    for e, side in enumerate(sd.text):
+        rows = np.zeros((slots, n_max, side.width), np.float32)
+        for s, p in enumerate(wave):
+            rows[s, :p.init[e].shape[0]] = p.init[e]
+        out.append(rows)
+    return tuple(out)
+
+
+def plan_layout(num_concepts: int, batch_size: int, devices: int) -> tuple[int, bool]:
+    """(slots, sharded_tables): how many concept slots a step holds (real ones plus weight-0 fillers) and whether
+    the concept tables are split over the devices.
+
+    With at least as many concepts as devices, every device computes whole concepts and holds only their tables, so
+    each host reads and encodes only its own concepts' images. With fewer, a concept's rows spread over several
+    devices and the (small) tables are replicated."""
+    if num_concepts >= devices:
+        return -(-num_concepts // devices) * devices, True
+    slots = num_concepts
+    while (slots * batch_size) % devices:
+        slots += 1
+    return slots, False
 
 
 def _set_token_vectors(sd: StableDiffusion, wave: list[_Prepared], vectors: tuple[np.ndarray, ...]) -> None:
@@ -218,8 +268,9 @@ def _set_token_vectors(sd: StableDiffusion, wave: list[_Prepared], vectors: tupl
             side.extra[start:start + p.concept.vectors] = vectors[e][s, :p.concept.vectors]
 
 
-def _validate(sd: StableDiffusion, cfg: TrainConfig, out: Path, step: int, wave: list[_Prepared], resolution: int,
-              mesh) -> None:
+def _validate(
+    sd: StableDiffusion, cfg: TrainConfig, out: Path, step: int, wave: list[_Prepared], resolution: int
+) -> None:
     folder = out / "validation" / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     from tix.embedding_files import safe_stem
@@ -228,13 +279,14 @@ def _validate(sd: StableDiffusion, cfg: TrainConfig, out: Path, step: int, wave:
         prompts = templates.VALIDATION_STYLE if p.concept.style else templates.VALIDATION_OBJECT
         batch = [t.format(p.concept.token) for _ in range(cfg.validation_seeds) for t in prompts]
         images = sd.generate(batch, steps=cfg.validation_steps, guidance=cfg.validation_guidance,
-                             sampler=cfg.validation_sampler, seed=cfg.seed, size=resolution, mesh=mesh)
+                             sampler=cfg.validation_sampler, seed=cfg.seed, size=resolution)
         grid(images, len(prompts)).save(folder / f"{safe_stem(p.concept.token)}.png")
 
 
 def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool = True) -> Result:
     """Train every concept of `cfg`; returns the learned vectors. Writes checkpoints, metrics and exports to cfg.out."""
     cfg.check()
+    parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     out = _prepare_out(cfg)
     is_main = jax.process_index() == 0
     if sd is None:
@@ -243,14 +295,12 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
         sd = dataclasses.replace(sd, unet=sd.unet.clone(remat=True))
     resolution = cfg.resolution or sd.default_size
     _check_resolution(sd, resolution)
-    prepared = prepare_concepts(sd, cfg, resolution)
+    prepared = prepare_concepts(sd, cfg)
 
     mesh = parallel.make_mesh(fsdp=cfg.fsdp)
-    devices = mesh.devices.size
     wave_size = min(cfg.concepts_per_step, len(prepared))
-    slots = wave_size
-    while (slots * cfg.batch_size) % devices:
-        slots += 1  # weight-0 concepts so the batch splits evenly over the devices
+    slots, sharded = plan_layout(wave_size, cfg.batch_size, mesh.devices.size)
+    layout = Layout(mesh, sharded)
     n_max = max(p.concept.vectors for p in prepared)
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum if cfg.scale_lr else 1)
     optimizer = make_optimizer(lr, cfg.steps, schedule=cfg.lr_schedule, warmup=cfg.warmup_steps,
@@ -258,24 +308,27 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                                max_grad_norm=cfg.max_grad_norm)
     step_cfg = StepConfig(cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution)
     repl = parallel.replicated(mesh)
-    frozen = parallel.put_replicated(sd.params, mesh)
-    step_fn = jax.jit(
-        partial(train_step, sd, step_cfg, optimizer, batch_sharding=parallel.batch_sharded(mesh)),
-        donate_argnums=(0,),
-        out_shardings=repl,
-    )
+    frozen_sharding = parallel.fsdp_shardings(sd.params, mesh)
+    frozen = parallel.put(sd.params, frozen_sharding)
+    table_sharding = parallel.batch_sharded(mesh) if sharded else repl
+    owned = range(*parallel.process_rows(slots, table_sharding))
+    step_fn = jax.jit(partial(train_step, sd, step_cfg, optimizer, layout=layout), donate_argnums=(0,),
+                      out_shardings=repl)
     waves = [prepared[i:i + wave_size] for i in range(0, len(prepared), wave_size)]
     metrics_log = MetricsLog(out, enabled=is_main)
     compiled = None
     compile_seconds = 0.0
     final_loss = math.nan
-    rates = []
+    rates, files_read = [], []
     try:
         for w, wave in enumerate(waves):
-            tables_np, init = _tables(sd, wave, slots, n_max)
-            tables = parallel.put_replicated(tables_np, mesh)
-            vectors = tuple(jnp.asarray(v) for v in init)
-            state = TrainState(vectors, optimizer.init(vectors), jnp.zeros((), jnp.int32))
+            local, files = _tables(sd, cfg, wave, slots, n_max, resolution, owned)
+            files_read += files
+            tables = jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(table_sharding, x, (slots, *x.shape[1:])), local
+            )
+            vectors = _initial_vectors(sd, wave, slots, n_max)
+            state = TrainState(vectors, optimizer.init(vectors), np.zeros((), np.int32))
             state = parallel.put_replicated(state, mesh)
             ckpt = Checkpoints(out / "checkpoints" / f"wave-{w:03d}", cfg.keep_checkpoints)
             tokens = [p.concept.token for p in wave]
@@ -283,19 +336,18 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                 state, meta = ckpt.restore(state)
                 if meta.get("tokens") != tokens:
                     raise ConfigError(f"checkpoint of wave {w} holds {meta.get('tokens')}, expected {tokens}")
-                state = parallel.put_replicated(state, mesh)
-                log.info("resumed wave %d at step %d", w, int(state.step))
+                log.info("resumed wave %d at step %d", w, int(parallel.to_host(state.step)))
             if compiled is None:
                 t0 = time.perf_counter()
                 compiled = step_fn.lower(state, frozen, tables).compile()
                 compile_seconds = time.perf_counter() - t0
                 _describe(compiled, slots * cfg.batch_size * cfg.grad_accum, compile_seconds, is_main)
             state, final_loss, rate = _train_wave(
-                compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, mesh, metrics_log,
+                compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, metrics_log,
                 progress and is_main, f"wave {w + 1}/{len(waves)}" if len(waves) > 1 else "",
             )
             rates.append(rate)
-            _set_token_vectors(sd, wave, tuple(np.asarray(v) for v in state.vectors))
+            _set_token_vectors(sd, wave, tuple(parallel.to_host(v) for v in state.vectors))
             ckpt.close()
     finally:
         metrics_log.close()
@@ -304,10 +356,15 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                           for side in sd.text}
         for p in prepared
     }
+    library.add_run(out / "tokens", sd, cfg, prepared, learned)
     if is_main:
-        _export(sd, cfg, out, prepared, learned)
+        _export(sd, cfg, out, learned)
+    if jax.process_count() > 1:  # hosts leave together, after process 0 has written the exports
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("tix: run exported")
     return Result(out, state, [p.concept.token for p in prepared], learned, cfg.steps, final_loss, compile_seconds,
-                  float(np.mean(rates)) if rates else 0.0)
+                  float(np.mean(rates)) if rates else 0.0, files_read)
 
 
 def _describe(compiled, images_per_step: int, seconds: float, is_main: bool) -> None:
@@ -323,11 +380,11 @@ def _describe(compiled, images_per_step: int, seconds: float, is_main: bool) -> 
              flops / max(images_per_step, 1) / 1e9, total / 1e9)
 
 
-def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, mesh, metrics_log,
+def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, metrics_log,
                 show, label) -> tuple[TrainState, float, float]:
     from tqdm import tqdm
 
-    start = int(state.step)
+    start = int(parallel.to_host(state.step))
     last_saved = ckpt.latest()
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=label or "invert", dynamic_ncols=True)
     ema = None
@@ -338,7 +395,7 @@ def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, ou
     loss_value = math.nan
 
     def check(step: int, metrics) -> float:
-        loss = float(metrics["loss"])
+        loss = float(parallel.to_host(metrics["loss"]))
         if not math.isfinite(loss):
             raise TixError(
                 f"the loss became {loss} at step {step}; training stopped. The last good checkpoint "
@@ -363,8 +420,8 @@ def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, ou
                 t_last, done_since = now, 0
                 ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
                 values = {"loss": loss_value, "images_per_s": rate}
-                for stem, pl, gn in zip(output_stems(tokens), np.asarray(metrics["concept_loss"]),
-                                        np.asarray(metrics["grad_norm"]), strict=False):
+                for stem, pl, gn in zip(output_stems(tokens), parallel.to_host(metrics["concept_loss"]),
+                                        parallel.to_host(metrics["grad_norm"]), strict=False):
                     values[f"loss/{stem}"] = float(pl)
                     values[f"grad_norm/{stem}"] = float(gn)
                 metrics_log.log(step, values)
@@ -375,9 +432,9 @@ def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, ou
                 ckpt.save(step, state, {"tokens": tokens, "config": cfg.identity()})
                 last_saved = step
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                _set_token_vectors(sd, wave, tuple(np.asarray(v) for v in state.vectors))
+                _set_token_vectors(sd, wave, tuple(parallel.to_host(v) for v in state.vectors))
                 if jax.process_index() == 0:
-                    _validate(sd, cfg, out, step, wave, resolution, mesh)
+                    _validate(sd, cfg, out, step, wave, resolution)
             if interrupt.hit:
                 check(*pending)
                 ckpt.save(step, state, {"tokens": tokens, "config": cfg.identity()})
@@ -389,16 +446,14 @@ def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, ou
     return state, loss_value, rate
 
 
-def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, prepared: list[_Prepared],
-            learned: dict[str, dict[str, np.ndarray]]) -> None:
-    from tix import embedding_files, library
+def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, learned: dict[str, dict[str, np.ndarray]]) -> None:
+    from tix import embedding_files
 
     concepts = [embedding_files.Concept(token, vectors) for token, vectors in learned.items()]
     if len(concepts) == 1:
         embedding_files.write(concepts[0], out / "learned_embeds.safetensors", format="diffusers")
     else:
         embedding_files.write(concepts, out / "embeddings", format="diffusers")
-    library.add_run(out / "tokens", sd, cfg, prepared, learned)
     loss_curve(out)
     prompts = list(templates.VALIDATION_STYLE if cfg.style else templates.VALIDATION_OBJECT)
     write_html(out, f"tix invert: {', '.join(learned)}", list(learned), prompts)

@@ -8,11 +8,13 @@ concept's result does not depend on which other concepts share the step.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tix import schedule as sched
 from tix.pipeline import StableDiffusion
@@ -88,24 +90,30 @@ def _draw(key: jax.Array, k_tables: dict[str, jax.Array], cfg: StepConfig, num_t
     return img, crop * 2 + flip, prompt, t, kn, kl
 
 
-def loss_fn(
-    vectors: tuple[jax.Array, ...],
-    sd: StableDiffusion,
-    cfg: StepConfig,
-    frozen: dict[str, Any],
-    tables: Tables,
-    key_step: jax.Array,
-    batch_sharding: Any = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(total loss, per-concept losses). Total = sum over concepts of weight_k x mean loss of concept k."""
+class Layout(NamedTuple):
+    """How a step's rows and tables sit on the devices.
+
+    `sharded_tables`: the concept tables are split along K over every device (each device, and so each host, holds
+    only the concepts whose rows it computes; used when there are at least as many concepts as devices). Otherwise the
+    tables are replicated and each concept's rows may spread over several devices.
+    """
+
+    mesh: Any = None
+    sharded_tables: bool = False
+
+
+SINGLE_DEVICE = Layout()
+
+
+def draw_batch(tables: Tables, cfg: StepConfig, num_train_timesteps: int, key_step: jax.Array):
+    """Every concept's samples for one micro-step: (unscaled latents, noise, timesteps, ids per encoder), rows
+    concept-major. Concept k's draws depend only on its seed and the step, never on its neighbours."""
     num_k = tables.n_images.shape[0]
     b = cfg.batch_size
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), key_step))(tables.seeds)
     k_tables = {"n_images": tables.n_images, "n_crops": tables.n_crops, "n_prompts": tables.n_prompts,
                 "per_image": tables.per_image}
-    img, view, prompt, t, kn, kl = jax.vmap(
-        lambda key, tab: _draw(key, tab, cfg, sd.schedule.num_train_timesteps)
-    )(keys, k_tables)
+    img, view, prompt, t, kn, kl = jax.vmap(lambda key, tab: _draw(key, tab, cfg, num_train_timesteps))(keys, k_tables)
     concept = jnp.repeat(jnp.arange(num_k), b)
     img, view, prompt, t = (x.reshape(-1) for x in (img, view, prompt, t))
     mean = tables.latent_mean[concept, img, view]
@@ -113,13 +121,40 @@ def loss_fn(
     shape = mean.shape[1:]
     noise = jax.vmap(lambda k: jax.random.normal(k, (b, *shape), jnp.float32))(kn).reshape(-1, *shape)
     eps = jax.vmap(lambda k: jax.random.normal(k, (b, *shape), jnp.float32))(kl).reshape(-1, *shape)
-    x0 = sd.scale_latents(mean + std * eps)
     ids = tuple(p[concept, prompt] for p in tables.prompt_ids)
+    return mean + std * eps, noise, t, ids
 
-    def constrain(x):
-        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
-    x0, noise, t, ids = constrain(x0), constrain(noise), constrain(t), tuple(constrain(i) for i in ids)
+def _draw_on_devices(tables: Tables, cfg: StepConfig, num_train_timesteps: int, key_step: jax.Array, layout: Layout):
+    from tix.parallel import DATA_AXES
+
+    draw = partial(draw_batch, cfg=cfg, num_train_timesteps=num_train_timesteps)
+    if layout.mesh is None:
+        return draw(tables, key_step=key_step)
+    rows = PartitionSpec(DATA_AXES)
+    if layout.sharded_tables:
+        # Each device draws for the concepts it holds: no table leaves its device, no host feeds another's rows.
+        return jax.shard_map(
+            lambda tab, key: draw(tab, key_step=key), mesh=layout.mesh,
+            in_specs=(jax.tree.map(lambda _: rows, tables), PartitionSpec()), out_specs=rows,
+        )(tables, key_step)
+    out = draw(tables, key_step=key_step)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, rows)), out)
+
+
+def loss_fn(
+    vectors: tuple[jax.Array, ...],
+    sd: StableDiffusion,
+    cfg: StepConfig,
+    frozen: dict[str, Any],
+    tables: Tables,
+    key_step: jax.Array,
+    layout: Layout = SINGLE_DEVICE,
+) -> tuple[jax.Array, jax.Array]:
+    """(total loss, per-concept losses). Total = sum over concepts of weight_k x mean loss of concept k."""
+    num_k = tables.n_images.shape[0]
+    latents, noise, t, ids = _draw_on_devices(tables, cfg, sd.schedule.num_train_timesteps, key_step, layout)
+    x0 = sd.scale_latents(latents)
     extra = tuple(v.reshape(-1, v.shape[-1]) for v in vectors)
     context, pooled = sd.text_fn(frozen, ids, extra)
     noisy = sched.add_noise(sd.schedule, x0, noise, t)
@@ -132,7 +167,7 @@ def loss_fn(
     per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
     if cfg.min_snr_gamma:
         per_sample = per_sample * sched.min_snr_weight(sd.schedule, t, cfg.min_snr_gamma)
-    per_concept = per_sample.reshape(num_k, b).mean(axis=1)
+    per_concept = per_sample.reshape(num_k, cfg.batch_size).mean(axis=1)
     return jnp.sum(per_concept * tables.weight), per_concept
 
 
@@ -143,14 +178,14 @@ def train_step(
     state: TrainState,
     frozen: dict[str, Any],
     tables: Tables,
-    batch_sharding: Any = None,
+    layout: Layout = SINGLE_DEVICE,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `grad_accum` micro-batches; gradients reach only `state.vectors`."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro(carry, i):
         key_step = state.step * cfg.grad_accum + i
-        (loss, per_concept), grads = grad_fn(state.vectors, sd, cfg, frozen, tables, key_step, batch_sharding)
+        (loss, per_concept), grads = grad_fn(state.vectors, sd, cfg, frozen, tables, key_step, layout)
         acc_loss, acc_pc, acc_g = carry
         return (acc_loss + loss, acc_pc + per_concept, jax.tree.map(jnp.add, acc_g, grads)), None
 
