@@ -25,13 +25,19 @@ def _text_encoder(kind: str, vocab_size: int, *, projection: bool, hidden: int =
 
 def build(kind: str, folder: str | Path) -> Path:
     """Write a tiny `kind` ("sd1", "sd2" or "sdxl") pipeline to `folder` and return it."""
+    import tempfile
+
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     from tix.tokenizer import write_clip_tokenizer
-
-    import tempfile
 
     folder = Path(folder)
     tok_dir = Path(tempfile.mkdtemp(prefix="tix-tok-"))
@@ -53,7 +59,8 @@ def build(kind: str, folder: str | Path) -> Path:
     if kind == "sd1":
         unet = UNet2DConditionModel(
             **common, cross_attention_dim=32, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         )
         text_encoder = _text_encoder(kind, vocab, projection=False, act="quick_gelu")
         scheduler = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
