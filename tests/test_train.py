@@ -251,3 +251,22 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_dirs, images):
     for step in kept:
         state, _ = Checkpoints(tmp_path / "nan" / "checkpoints" / "wave-000", 3).restore(None, step)
         assert all(np.isfinite(np.asarray(v)).all() for v in state["vectors"])
+
+
+def test_init_from_an_embedding_file(tmp_path, tiny_dirs, images):
+    from tix.embedding_files import Concept, write
+    from train.invert import prepare_concepts
+
+    sd = tix.load(tiny_dirs("sd1"))
+    start = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    write(Concept("<old-name>", {"text_encoder": start}), tmp_path / "start.pt", format="a1111")
+    cfg = _cfg(tmp_path, tiny_dirs("sd1"), images, init_from=str(tmp_path / "start.pt"))
+    (prepared,) = prepare_concepts(sd, cfg)
+    assert prepared.concept.vectors == 3
+    np.testing.assert_array_equal(prepared.init[0], start)
+    np.testing.assert_array_equal(sd.text[0].extra, start)
+    wrong = Concept("<w>", {"text_encoder": np.zeros((1, 48), np.float32)})
+    write(wrong, tmp_path / "wide.safetensors")
+    with pytest.raises(TixError, match="48"):
+        prepare_concepts(tix.load(tiny_dirs("sd1")), _cfg(tmp_path, tiny_dirs("sd1"), images,
+                                                          init_from=str(tmp_path / "wide.safetensors")))

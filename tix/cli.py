@@ -44,7 +44,17 @@ def _invert(args: argparse.Namespace) -> None:
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "scale_lr": args.scale_lr,
         "resolution": args.resolution, "seed": args.seed, "save_every": args.save_every,
         "validate_every": args.validate_every, "resume": args.resume or None, "overwrite": args.overwrite or None,
+        "init_from": args.init_from, "coordinator_address": args.coordinator, "num_processes": args.num_processes,
+        "process_id": args.process_id,
     }
+    if args.tfds:
+        from train.tfds_concepts import materialize
+
+        # Every host materializes the same folders (deterministic), then reads only its share of them.
+        cache = Path(args.tfds_cache).expanduser()
+        overrides["concepts"] = str(materialize(args.tfds, cache / args.tfds.replace("/", "_").replace(":", "_"),
+                                                label=args.label, images_per_concept=args.images_per_concept,
+                                                data_dir=args.data_dir))
     overrides.update(parse_set(args.set or []))
     cfg = load_config(args.config, overrides)
     try:
@@ -142,6 +152,15 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     i.add_argument("--overwrite", action="store_true", help="start the run in --out again from scratch")
     i.add_argument("--set", action="append", metavar="KEY=VALUE", help="set any config field, e.g. lr_schedule=cosine")
+    i.add_argument("--init-from", help="start from the vectors of an embedding file (any format tix reads)")
+    i.add_argument("--tfds", metavar="NAME[:SPLIT]", help="one concept per label of a prepared TensorFlow Dataset")
+    i.add_argument("--label", default="label", help="--tfds: the label feature")
+    i.add_argument("--images-per-concept", type=int, default=5, help="--tfds: images per label")
+    i.add_argument("--data-dir", help="--tfds: the TFDS data folder holding the prepared dataset")
+    i.add_argument("--tfds-cache", default="~/.cache/tix/tfds", help="--tfds: where the label folders are written")
+    i.add_argument("--coordinator", help="many hosts without auto-detection: coordinator host:port")
+    i.add_argument("--num-processes", type=int, help="many hosts: number of processes")
+    i.add_argument("--process-id", type=int, help="many hosts: this process's index")
     i.set_defaults(fn=_invert)
 
     e = sub.add_parser("export", help="write learned tokens in a format other tools load")

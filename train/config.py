@@ -38,6 +38,7 @@ class TrainConfig:
     init: str | None = None  # default: "sculpture" for objects, "painting" for styles (the paper's)
     vectors: int = 1
     style: bool = False
+    init_from: str | None = None  # an embedding file (any format tix reads) whose vectors start the run
     # optimisation
     steps: int = 3000
     batch_size: int = 4  # images per concept per step

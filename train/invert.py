@@ -166,6 +166,7 @@ def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
     tokens = [s.token for s in specs]
     if len(set(tokens)) != len(tokens):
         raise ConfigError(f"concept tokens must be unique, got {tokens}")
+    starts = _init_from(sd, cfg, tokens)
     prepared = []
     for spec in specs:
         concept = data.resolve_concept(spec, cfg)
@@ -173,10 +174,33 @@ def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
             raise TixError(
                 f"{concept.token}: no jpg, png or webp image in {spec.images}; add 3-5 images of the concept"
             )
-        init = init_vectors(sd, concept.init, concept.vectors)
+        if concept.token in starts:
+            init = [starts[concept.token].vectors[side.name] for side in sd.text]
+            concept = dataclasses.replace(concept, vectors=init[0].shape[0])
+        else:
+            init = init_vectors(sd, concept.init, concept.vectors)
         sd.add_tokens(concept.token, init)
         prepared.append(_Prepared(concept, init, _concept_seed(cfg.seed, concept.token)))
     return prepared
+
+
+def _init_from(sd: StableDiffusion, cfg: TrainConfig, tokens: list[str]) -> dict[str, Any]:
+    """Learned vectors to start from (`--init-from FILE`): matched by token; a file with one concept starts a
+    one-concept run whatever its token is called."""
+    if not cfg.init_from:
+        return {}
+    from tix import embedding_files
+
+    found = embedding_files.read(cfg.init_from)
+    if len(found) == 1 and len(tokens) == 1:
+        found = [embedding_files.Concept(tokens[0], found[0].vectors)]
+    starts = {c.token: c for c in found if c.token in tokens}
+    if not starts:
+        raise ConfigError(f"--init-from {cfg.init_from}: holds {[c.token for c in found]}, none of this run's "
+                          f"tokens {tokens}")
+    for concept in starts.values():
+        embedding_files.check_compatible(concept, {s.name: s.width for s in sd.text}, sd.kind)
+    return starts
 
 
 def _views(cfg: TrainConfig) -> int:

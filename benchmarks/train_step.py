@@ -1,0 +1,257 @@
+"""Speed and memory of tix's textual-inversion train step, against the same step done the way diffusers' PyTorch
+`textual_inversion.py` does it (prints figures; not a test).
+
+    python benchmarks/train_step.py --model tiny sd15 sdxl --resolution 256 --batch 1 4 --dtype float32 bfloat16 \
+        [--remat] [--torch] [--steps 5]
+
+For each model shape (random weights; real SD 1.5 / SDXL configs), resolution, batch and dtype it prints: images/s of
+the compiled step, compile time, FLOPs per image and memory per device from XLA's cost and memory analysis, and the
+fraction of the device's peak bf16 FLOP/s where the peak is known. With --torch, the PyTorch-style step on the same
+weights, batch and resolution (VAE encode every step, AdamW over the whole token table with the other rows reset
+from a copy) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.load_and_generate import CLIP_L, SD15_SCHEDULER, SD15_UNET, SD15_VAE, WORDS  # noqa: E402
+
+SDXL_UNET = dict(
+    addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4,
+    layers_per_block=2, norm_eps=1e-5, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
+    sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+)
+CLIP_G = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+              hidden_act="gelu", projection_dim=1280, architectures=["CLIPTextModelWithProjection"])
+SDXL_VAE = dict(SD15_VAE, scaling_factor=0.13025)
+TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
+                 attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=16)
+TINY_VAE = dict(SD15_VAE, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_CLIP = dict(CLIP_L, hidden_size=32, intermediate_size=69, num_attention_heads=4, num_hidden_layers=3)
+SHAPES = {
+    "tiny": (TINY_UNET, TINY_VAE, [TINY_CLIP]),
+    "sd15": (SD15_UNET, SD15_VAE, [CLIP_L]),
+    "sdxl": (SDXL_UNET, SDXL_VAE, [CLIP_L, CLIP_G]),
+}
+# Dense bf16 peak FLOP/s by device kind (vendor figures).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v4": 275e12,
+             "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def random_sd(shape: str, dtype: str, compute_dtype: str | None = None):
+    """A StableDiffusion with random weights of the given shape, built in memory (numpy init: Linen's random
+    initialisers are slow on CPU and the values do not matter for speed)."""
+    from tix.models import clip
+    from tix.models.unet import UNet2DConditionModel, UNetConfig
+    from tix.models.vae import AutoencoderKL, VAEConfig
+    from tix.pipeline import StableDiffusion, TextSide
+    from tix.schedule import NoiseSchedule
+    from tix.tokenizer import load_tokenizer, write_clip_tokenizer
+
+    unet_raw, vae_raw, clips = SHAPES[shape]
+    param_dtype = jnp.dtype(dtype)
+    compute = jnp.dtype(compute_dtype or dtype)
+    rng = np.random.default_rng(0)
+
+    def fill(module, *args, **kwargs):
+        abstract = jax.eval_shape(lambda: module.init_params(jax.random.key(0), *args, **kwargs))
+        return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32) * 0.02, param_dtype),
+                            abstract)
+
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(unet_raw)), dtype=compute)
+    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(vae_raw)), dtype=compute)
+    params = {"unet": fill(unet), "vae": fill(vae)}
+    tok_dir = Path(tempfile.mkdtemp()) / "tok"
+    write_clip_tokenizer(tok_dir, WORDS)
+    sides = []
+    for i, raw in enumerate(clips):
+        name = "text_encoder" if i == 0 else "text_encoder_2"
+        raw = {"architectures": ["CLIPTextModel"], **raw, "model_type": "clip_text_model"}
+        model = clip.CLIPTextModel(clip.CLIPTextConfig.from_diffusers(raw), dtype=compute)
+        params[name] = fill(model)
+        sides.append(TextSide(name=name, model=model, tokenizer=load_tokenizer(tok_dir)))
+    kind = "sdxl" if len(clips) == 2 else "sd1"
+    size = unet_raw["sample_size"] * 2 ** (len(vae_raw["block_out_channels"]) - 1)
+    return StableDiffusion(kind=kind, unet=unet, vae=vae, text=tuple(sides), params=params,
+                           schedule=NoiseSchedule.from_diffusers(SD15_SCHEDULER), scheduler_config=SD15_SCHEDULER,
+                           default_size=size, source=f"random {shape}")
+
+
+def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool) -> dict:
+    """Compile and time tix's train step for one concept of `batch` images at `resolution`."""
+    import dataclasses
+    from functools import partial
+
+    from tix import parallel
+    from train.step import Layout, StepConfig, Tables, TrainState, make_optimizer, train_step
+
+    if remat:
+        sd = dataclasses.replace(sd, unet=sd.unet.clone(remat=True))
+    mesh = parallel.make_mesh()
+    devices = mesh.devices.size
+    rows = max(batch, devices)
+    slots = -(-rows // batch)
+    latent = resolution // sd.vae_scale_factor
+    rng = np.random.default_rng(1)
+    ids = [np.asarray(side.tokenize(["a photo of a cat"] * 4)) for side in sd.text]
+    for i in ids:
+        i[:, 4] = sd.text[0].vocab_size  # the placeholder in "a photo of a <tok>"
+    tables = Tables(
+        latent_mean=rng.standard_normal((slots, 4, 2, latent, latent, 4)).astype(np.float32),
+        latent_std=np.full((slots, 4, 2, latent, latent, 4), 0.1, np.float32),
+        n_images=np.full(slots, 4, np.int32), n_crops=np.ones(slots, np.int32),
+        prompt_ids=tuple(np.stack([i] * slots) for i in ids), n_prompts=np.full(slots, 4, np.int32),
+        per_image=np.zeros(slots, bool), seeds=np.arange(slots, dtype=np.uint32),
+        weight=np.ones(slots, np.float32),
+    )
+    tables = parallel.put_replicated(tables, mesh)
+    vectors = tuple(jnp.zeros((slots, 1, s.width), jnp.float32) for s in sd.text)
+    opt = make_optimizer(1e-3, 1000)
+    state = parallel.put_replicated(TrainState(vectors, opt.init(vectors), jnp.zeros((), jnp.int32)), mesh)
+    frozen = parallel.put_replicated(sd.params, mesh)
+    cfg = StepConfig(batch, 1, 0.5, None, None, resolution)
+    fn = jax.jit(partial(train_step, sd, cfg, opt, layout=Layout(mesh, False)), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, frozen, tables).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    state, m = compiled(state, frozen, tables)  # warm-up
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, frozen, tables)
+    jax.block_until_ready(m["loss"])
+    dt = (time.perf_counter() - t0) / steps
+    images = slots * batch
+    flops = float((cost or {}).get("flops", float("nan")))
+    per_device = sum(getattr(mem, a, 0) or 0 for a in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                       "temp_size_in_bytes")) if mem else float("nan")
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+    return {"images_per_s": images / dt, "step_s": dt, "compile_s": compile_s, "gflop_per_image": flops / images / 1e9,
+            "memory_gb_per_device": per_device / 1e9,
+            "peak_fraction": (flops / devices / dt / peak) if peak else None, "device": kind, "devices": devices}
+
+
+def time_torch_style(shape: str, resolution: int, batch: int, steps: int, dtype: str) -> dict:
+    """diffusers' textual_inversion.py step on the same shapes: VAE encode each step, text encoder with the whole
+    token table trainable, AdamW over the table, rows other than the placeholder restored after each step."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if shape == "sdxl":
+        raise SystemExit("the PyTorch-style comparison covers the SD 1.x script (tiny, sd15)")
+    unet_raw, vae_raw, clips = SHAPES[shape]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{k: v for k, v in unet_raw.items()}).to(device)
+    vae = AutoencoderKL(**vae_raw).to(device)
+    cfg = {k: v for k, v in clips[0].items() if k != "architectures"}
+    text = CLIPTextModel(CLIPTextConfig(**cfg)).to(device)
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    text.requires_grad_(False)
+    table = text.get_input_embeddings().weight
+    table.requires_grad_(True)
+    opt = torch.optim.AdamW([table], lr=1e-3, weight_decay=1e-2)
+    original = table.detach().clone()
+    keep = torch.ones(table.shape[0], dtype=torch.bool, device=device)
+    keep[-1] = False
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    amp = torch.bfloat16 if dtype == "bfloat16" else None
+    pixels = torch.randn(batch, 3, resolution, resolution, device=device)
+    ids = torch.randint(0, 49000, (batch, 77), device=device)
+    ids[:, 4] = table.shape[0] - 1
+
+    def step():
+        with torch.autocast(device, dtype=amp, enabled=amp is not None):
+            latents = vae.encode(pixels).latent_dist.sample() * 0.18215
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (batch,), device=device)
+            noisy = sched.add_noise(latents, noise, t)
+            context = text(ids)[0]
+            pred = unet(noisy, t, context).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            table[keep] = original[keep]
+
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    return {"images_per_s": batch / dt, "step_s": dt}
+
+
+def time_generate(sd, n: int, steps: int = 25) -> dict:
+    prompts = ["a photo of a cat"] * n
+    t0 = time.perf_counter()
+    sd.generate(prompts, steps=steps, seed=0)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sd.generate(prompts, steps=steps, seed=1)
+    second = time.perf_counter() - t0
+    return {"generate_images": n, "generate_steps": steps, "size": sd.default_size, "first_call_s": first,
+            "seconds_per_image": second / n, "seconds_per_denoising_step": second / steps,
+            "device": jax.devices()[0].device_kind}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", nargs="+", default=["tiny"], choices=list(SHAPES))
+    p.add_argument("--resolution", nargs="+", type=int, default=None)
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--dtype", nargs="+", default=["float32"])
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--torch", action="store_true", help="also time the PyTorch-style step")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also time sd.generate for N prompts at the model's size, 25 DPM++ steps, guidance 7.5")
+    args = p.parse_args()
+    for shape in args.model:
+        for dtype in args.dtype:
+            # Weights stored in the compute dtype; the learned vectors and the loss stay float32 in the step.
+            sd = random_sd(shape, dtype)
+            if args.generate:
+                print(json.dumps({"model": shape, "dtype": dtype, **time_generate(sd, args.generate)}), flush=True)
+            for res in args.resolution or [sd.default_size]:
+                for batch in args.batch:
+                    row = {"model": shape, "resolution": res, "batch": batch, "dtype": dtype, "remat": args.remat}
+                    row.update(time_tix(sd, res, batch, args.steps, args.remat))
+                    if args.torch:
+                        ref = time_torch_style(shape, res, batch, args.steps, dtype)
+                        row["torch_images_per_s"] = ref["images_per_s"]
+                        row["speedup_vs_torch"] = row["images_per_s"] / ref["images_per_s"]
+                    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
