@@ -294,4 +294,12 @@ def _load_params(
         params = weights.from_torch(state, abstract, dtype=dtype, component=f"{folder.name}/{component}", ignore=ignore)
     except weights.WeightsError as err:
         raise CheckpointError(str(err)) from None
-    return jax.tree.map(jnp.asarray, params)
+    # Peak memory: the file's mapped pages and the converted numpy tree already hold two copies of the weights, and
+    # jnp.asarray copies every transposed (non-contiguous) kernel once more. Unmap the file first, then convert one
+    # leaf at a time so each numpy original is freed as its device copy appears.
+    del state
+    leaves, treedef = jax.tree.flatten(params)
+    del params
+    for i, leaf in enumerate(leaves):
+        leaves[i] = jnp.asarray(leaf)
+    return jax.tree.unflatten(treedef, leaves)
