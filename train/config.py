@@ -39,6 +39,8 @@ class TrainConfig:
     vectors: int = 1
     style: bool = False
     init_from: str | None = None  # an embedding file (any format tix reads) whose vectors start the run
+    prompts: list[str] | None = None  # training templates ("{}" = token) for every concept; None: the paper's
+    validation_prompts: list[str] | None = None  # None: "a photo of {}" and two edits (style runs: style prompts)
     # optimisation
     steps: int = 3000
     batch_size: int = 4  # images per concept per step

@@ -70,8 +70,8 @@ def resolve_concept(spec: ConceptSpec, cfg: TrainConfig) -> Concept:
     init = spec.init or cfg.init or ("painting" if style else "sculpture")
     vectors = spec.vectors or cfg.vectors
     captions = [p.with_suffix(".txt") for p in files]
-    if spec.captions:
-        prompts, per_image = tuple(spec.captions), False
+    if spec.captions or cfg.prompts:
+        prompts, per_image = tuple(spec.captions or cfg.prompts), False
     elif files and all(c.exists() for c in captions):
         prompts = tuple(_caption_template(c, spec.token) for c in captions)
         per_image = True

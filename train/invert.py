@@ -292,6 +292,12 @@ def _set_token_vectors(sd: StableDiffusion, wave: list[_Prepared], vectors: tupl
             side.extra[start:start + p.concept.vectors] = vectors[e][s, :p.concept.vectors]
 
 
+def validation_prompts(cfg: TrainConfig, style: bool) -> tuple[str, ...]:
+    if cfg.validation_prompts:
+        return tuple(cfg.validation_prompts)
+    return templates.VALIDATION_STYLE if style else templates.VALIDATION_OBJECT
+
+
 def _validate(
     sd: StableDiffusion, cfg: TrainConfig, out: Path, step: int, wave: list[_Prepared], resolution: int
 ) -> None:
@@ -300,7 +306,7 @@ def _validate(
     from tix.embedding_files import safe_stem
 
     for p in wave:
-        prompts = templates.VALIDATION_STYLE if p.concept.style else templates.VALIDATION_OBJECT
+        prompts = validation_prompts(cfg, p.concept.style)
         batch = [t.format(p.concept.token) for _ in range(cfg.validation_seeds) for t in prompts]
         images = sd.generate(batch, steps=cfg.validation_steps, guidance=cfg.validation_guidance,
                              sampler=cfg.validation_sampler, seed=cfg.seed, size=resolution)
@@ -479,7 +485,7 @@ def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, learned: dict[str,
     else:
         embedding_files.write(concepts, out / "embeddings", format="diffusers")
     loss_curve(out)
-    prompts = list(templates.VALIDATION_STYLE if cfg.style else templates.VALIDATION_OBJECT)
+    prompts = list(validation_prompts(cfg, cfg.style))
     write_html(out, f"tix invert: {', '.join(learned)}", list(learned), prompts)
     warnings.filterwarnings("default")
 
