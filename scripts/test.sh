@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
 ruff check .
-exec python -m pytest -n 2 --durations=15 "$@"
+exec python -m pytest -n 2 --dist loadfile --durations=25 "$@"
