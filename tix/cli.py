@@ -182,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("tix").setLevel(logging.INFO)  # tix's own progress; orbax/absl chatter stays at WARNING
     args = parser().parse_args(argv)
     try:
         args.fn(args)
