@@ -280,3 +280,12 @@ def test_init_from_an_embedding_file(tmp_path, tiny_dirs, images):
     with pytest.raises(TixError, match="48"):
         prepare_concepts(tix.load(tiny_dirs("sd1")), _cfg(tmp_path, tiny_dirs("sd1"), images,
                                                           init_from=str(tmp_path / "wide.safetensors")))
+
+
+def test_a_step_that_cannot_fit_the_device_is_refused_before_training(tmp_path, tiny_dirs, images, monkeypatch):
+    import train.invert as invert
+
+    monkeypatch.setattr(invert, "device_memory_limit", lambda: 1_000_000)  # a 1 MB device
+    with pytest.raises(TixError, match=r"needs .* GB per device but the device has 0.0 GB.*remat"):
+        run(_cfg(tmp_path, tiny_dirs("sd1"), images, steps=1), progress=False)
+    assert not (tmp_path / "run" / "checkpoints" / "wave-000" / "1").exists()

@@ -398,16 +398,35 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
 
 
 def _describe(compiled, images_per_step: int, seconds: float, is_main: bool) -> None:
-    if not is_main:
-        return
+    """Log the step's FLOPs per image and memory per device (XLA's analyses), and refuse a step that cannot fit
+    the device before the first step rather than failing deep inside it."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = (cost or {}).get("flops", float("nan"))
     mem = compiled.memory_analysis()
+    # Donated state is counted in both arguments and outputs; alias_size says how much of it is shared.
     total = sum(getattr(mem, a, 0) or 0 for a in ("argument_size_in_bytes", "output_size_in_bytes",
                                                  "temp_size_in_bytes", "generated_code_size_in_bytes"))
-    log.info("compiled train step in %.1f s: %.3g GFLOP per image, %.2f GB per device", seconds,
-             flops / max(images_per_step, 1) / 1e9, total / 1e9)
+    total -= getattr(mem, "alias_size_in_bytes", 0) or 0
+    if is_main:
+        log.info("compiled train step in %.1f s: %.3g GFLOP per image (XLA count), %.2f GB per device", seconds,
+                 flops / max(images_per_step, 1) / 1e9, total / 1e9)
+    limit = device_memory_limit()
+    if limit and total > limit:
+        raise TixError(
+            f"the train step needs {total / 1e9:.1f} GB per device but the device has {limit / 1e9:.1f} GB. "
+            "Lower --batch-size, use --set remat=true, --set dtype=bfloat16, a lower --resolution, "
+            "or --set fsdp=N to split the frozen weights over N devices"
+        )
+
+
+def device_memory_limit() -> int | None:
+    """Bytes one device can hold, where the runtime says (GPU/TPU); None on CPU."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        return None
+    return stats.get("bytes_limit")
 
 
 def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, metrics_log,
