@@ -101,6 +101,7 @@ def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool) -> dict:
     from functools import partial
 
     from tix import parallel
+    from train import cost
     from train.step import Layout, StepConfig, Tables, TrainState, make_optimizer, train_step
 
     if remat:
@@ -130,11 +131,9 @@ def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool) -> dict:
     cfg = StepConfig(batch, 1, 0.5, None, None, resolution)
     fn = jax.jit(partial(train_step, sd, cfg, opt, layout=Layout(mesh, False)), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = fn.lower(state, frozen, tables).compile()
+    lowered = fn.lower(state, frozen, tables)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    mem = compiled.memory_analysis()
     state, m = compiled(state, frozen, tables)  # warm-up
     jax.block_until_ready(m["loss"])
     t0 = time.perf_counter()
@@ -143,9 +142,8 @@ def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool) -> dict:
     jax.block_until_ready(m["loss"])
     dt = (time.perf_counter() - t0) / steps
     images = slots * batch
-    flops = float((cost or {}).get("flops", float("nan")))
-    per_device = sum(getattr(mem, a, 0) or 0 for a in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                       "temp_size_in_bytes")) if mem else float("nan")
+    flops = cost.flops(lowered)
+    per_device = cost.device_bytes(compiled)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     return {"images_per_s": images / dt, "step_s": dt, "compile_s": compile_s, "gflop_per_image": flops / images / 1e9,

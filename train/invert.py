@@ -26,7 +26,7 @@ from tix import library, parallel, templates
 from tix.embedding_files import output_stems
 from tix.errors import ConfigError, TixError
 from tix.pipeline import StableDiffusion
-from train import data
+from train import cost, data
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.report import MetricsLog, grid, loss_curve, write_html
@@ -369,9 +369,10 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                 log.info("resumed wave %d at step %d", w, int(parallel.to_host(state.step)))
             if compiled is None:
                 t0 = time.perf_counter()
-                compiled = step_fn.lower(state, frozen, tables).compile()
+                lowered = step_fn.lower(state, frozen, tables)
+                compiled = lowered.compile()
                 compile_seconds = time.perf_counter() - t0
-                _describe(compiled, slots * cfg.batch_size * cfg.grad_accum, compile_seconds, is_main)
+                _describe(lowered, compiled, slots * cfg.batch_size * cfg.grad_accum, compile_seconds, is_main)
             state, final_loss, rate = _train_wave(
                 compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, metrics_log,
                 progress and is_main, f"wave {w + 1}/{len(waves)}" if len(waves) > 1 else "",
@@ -397,17 +398,11 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                   float(np.mean(rates)) if rates else 0.0, files_read)
 
 
-def _describe(compiled, images_per_step: int, seconds: float, is_main: bool) -> None:
+def _describe(lowered, compiled, images_per_step: int, seconds: float, is_main: bool) -> None:
     """Log the step's FLOPs per image and memory per device (XLA's analyses), and refuse a step that cannot fit
     the device before the first step rather than failing deep inside it."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = (cost or {}).get("flops", float("nan"))
-    mem = compiled.memory_analysis()
-    # Donated state is counted in both arguments and outputs; alias_size says how much of it is shared.
-    total = sum(getattr(mem, a, 0) or 0 for a in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                 "temp_size_in_bytes", "generated_code_size_in_bytes"))
-    total -= getattr(mem, "alias_size_in_bytes", 0) or 0
+    flops = cost.flops(lowered)
+    total = cost.device_bytes(compiled)
     if is_main:
         log.info("compiled train step in %.1f s: %.3g GFLOP per image (XLA count), %.2f GB per device", seconds,
                  flops / max(images_per_step, 1) / 1e9, total / 1e9)
