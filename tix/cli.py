@@ -66,14 +66,14 @@ def _invert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from tix import embedding_files
+    from tix import embedding_files, fs
     from tix.library import Library
 
-    source = Path(args.source)
+    source = fs.path(args.source)  # local or gs://
     if Library(source.parent).is_entry(source):  # one concept folder inside a library
         entries = [Library(source.parent).read(source)]
     else:
-        library_root = source / "tokens" if (source / "tokens").is_dir() else source
+        library_root = source / "tokens" if fs.is_dir(source / "tokens") else source
         entries = Library(library_root).entries()
     if args.token:
         entries = [e for e in entries if e.concept.token == args.token]

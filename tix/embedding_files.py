@@ -31,22 +31,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import os
 import pickle
 import re
 import struct
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from tix import fs
 from tix.errors import ConfigError, TixError
+from tix.fs import Path
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 # The names SDXL single-file embeddings (kohya, A1111, ComfyUI, diffusers' advanced scripts) give the two encoders.
@@ -241,24 +242,14 @@ def _dump_torch(f: IO[bytes], obj: Any) -> None:
 
 
 def _atomic_write(jobs: list[tuple[Path, Callable[[IO[bytes]], None]]]) -> None:
-    """Write every file to a temporary in its destination folder, then move them all into place: a failure leaves the
-    previous files untouched and no partial file under the final name."""
-    temps: list[tuple[str, Path]] = []
-    try:
-        for path, fill in jobs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    """Build every file in memory (embeddings are small), then hand them to tix.fs, which writes them atomically
+    (locally: temporaries renamed into place once all are complete; gs://: whole objects)."""
+    contents = []
+    for path, fill in jobs:
+        buffer = io.BytesIO()
+        fill(buffer)
+        contents.append((path, buffer.getvalue()))
+    fs.write_files(contents)
 
 
 def _partner_name(name: str) -> str:
@@ -331,12 +322,13 @@ def write(
 
     `torch_pickle` (default: True only for a1111 SD 1/2, whose native file is a .pt) writes torch.save pickles, which
     needs torch. `step`, `sd_checkpoint` (A1111's short model hash) and `sd_checkpoint_name` go into a1111 .pt files.
-    Every file is written atomically (temporary file in the same folder, then os.replace). Writing an SD 1/2
-    concept in diffusers form over an SDXL export removes the now stale ``learned_embeds_2`` file.
+    Every file is written atomically (locally a temporary file in the same folder, then os.replace; on gs:// whole
+    objects). Writing an SD 1/2 concept in diffusers form over an SDXL export removes the now stale
+    ``learned_embeds_2`` file. `path` may be local or remote (gs://...).
     """
     if format not in FORMATS:
         raise EmbeddingFileError(f"unknown embedding format {format!r}; choose one of {list(FORMATS)}")
-    path = Path(path)
+    path = fs.path(path)
     single = isinstance(concepts, Concept)
     items = [concepts] if single else list(concepts)
     if not items:
@@ -356,8 +348,9 @@ def write(
         raise EmbeddingFileError(f"several concepts share the token(s) {duplicates}; tokens must be unique")
 
     suffix = path.suffix.lower()
-    as_file = single and suffix in (".safetensors", ".pt", ".bin") and not path.is_dir()
-    if not as_file and path.exists() and not path.is_dir():
+    is_dir = fs.is_dir(path)
+    as_file = single and suffix in (".safetensors", ".pt", ".bin") and not is_dir
+    if not as_file and not is_dir and fs.exists(path):
         raise EmbeddingFileError(f"{path} is a file; writing {len(items)} concept(s) needs a folder path")
 
     destinations: list[tuple[Concept, Path, bool]] = []
@@ -430,9 +423,9 @@ def _load_torch(path: Path) -> Any:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             if allow is None:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(fs.readable(path), map_location="cpu", weights_only=True)
             with allow([(_ParameterDictStandIn, "torch.nn.modules.container.ParameterDict")]):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(fs.readable(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
@@ -554,7 +547,7 @@ def _materialize(obj: Any) -> Any:
 
 
 def _load_npy(path: Path) -> Any:
-    with path.open("rb") as f:
+    with fs.open_read(path) as f:
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
@@ -581,7 +574,7 @@ def _load_npy(path: Path) -> Any:
 def _load_png(path: Path) -> dict[str, Any]:
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(fs.readable(path)) as image:
         text = dict(getattr(image, "text", {}) or {})
     if "sd-ti-embedding" not in text:
         raise EmbeddingFileError(
@@ -604,15 +597,16 @@ def _load_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     from tix.weights import read_safetensors
 
     try:
-        with path.open("rb") as f:
+        with fs.open_read(path) as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_len))
         metadata = header.get("__metadata__") or {}
-        size = path.stat().st_size - 8 - header_len
+        size = fs.size(path) - 8 - header_len
         for name, info in header.items():
             if name != "__metadata__" and (info["data_offsets"][1] > size or info["data_offsets"][0] < 0):
                 raise ValueError(f"tensor {name!r} lies outside the file")
-        tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}
+        with fs.local_file(path) as local:  # tix reads safetensors memory-mapped (bfloat16 included)
+            tensors = {k: np.array(v) for k, v in read_safetensors(local).items()}
     except TixError:
         raise
     except Exception as e:
@@ -621,17 +615,17 @@ def _load_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
 
 
 def _sniff(path: Path) -> str:
-    with path.open("rb") as f:
+    with fs.open_read(path) as f:
         head = f.read(16)
     if head.startswith(b"\x93NUMPY"):
         return "npy"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
-    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(fs.readable(path)):
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < path.stat().st_size:
+        if 0 < header_len < fs.size(path):
             return "safetensors"  # checked before pickles: a header length of 128 starts with b"\x80" too
     if head[:1] == b"\x80":
         return "torch"  # torch's legacy format and any other pickle: only torch's weights-only unpickler sees it
@@ -869,8 +863,8 @@ def read(path: str | os.PathLike, *, token: str | None = None) -> list[Concept]:
     Without `token`, A1111 files use their ``name`` field, emb_params / clip_l+clip_g files the name tix wrote in their
     metadata or else the file name (as A1111 and ComfyUI do), and diffusers files their key.
     """
-    path = Path(path)
-    if path.is_dir():
+    path = fs.path(path)
+    if fs.is_dir(path):
         return _read_folder(path, token)
     if not path.is_file():
         raise EmbeddingFileError(f"embedding file {path} does not exist")

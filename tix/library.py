@@ -2,8 +2,10 @@
 facts needed to trust it later (base model, a hash of the embedding table it was trained against, training settings,
 a hash of the training images).
 
-Each concept is its own orbax checkpoint folder. Orbax writes into a temporary folder and renames it when complete,
-and readers skip anything unfinished, so a process killed while adding a concept leaves every other concept intact.
+Each concept is its own orbax checkpoint folder. Orbax writes into a temporary folder and renames it when complete
+(on gs://, where renames are copies, it writes in place and adds commit_success.txt last), and readers skip anything
+unfinished, so a process killed while adding a concept leaves every other concept intact. The root may be local or
+remote (gs://...): every access goes through tix.fs.
 """
 
 from __future__ import annotations
@@ -12,20 +14,20 @@ import dataclasses
 import datetime
 import hashlib
 import re
-import shutil
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 import tix
+from tix import fs
 from tix.embedding_files import Concept, safe_stem
 from tix.errors import TixError
 
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{8}")
 _ORBAX_TMP = ".orbax-checkpoint-tmp"
+_COMMIT_FILE = "commit_success.txt"  # orbax's finished-marker where it cannot rename (atomicity_types)
 
 META_FIELDS = ("token", "base_model", "family", "table_hash", "vectors", "init", "style", "steps", "lr",
                "images_hash", "date", "tix_version")
@@ -36,11 +38,11 @@ def table_hash(table: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(table, np.float32)).tobytes()).hexdigest()[:16]
 
 
-def files_hash(paths: Iterable[Path]) -> str:
+def files_hash(paths: Iterable[fs.PathLike]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
+    for path in sorted(fs.path(p) for p in paths):
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        digest.update(fs.read_bytes(path))
     return digest.hexdigest()[:16]
 
 
@@ -48,12 +50,14 @@ def files_hash(paths: Iterable[Path]) -> str:
 class Entry:
     concept: Concept
     meta: dict[str, Any]
-    path: Path
+    path: fs.Path
 
 
-def _complete(folder: Path) -> bool:
-    return bool(_ENTRY_NAME.fullmatch(folder.name)) and not folder.name.endswith(_ORBAX_TMP) and folder.is_dir() \
-        and (folder / "meta").exists() and (folder / "vectors").exists()
+def _complete(folder: fs.Path) -> bool:
+    if not (_ENTRY_NAME.fullmatch(folder.name) and not folder.name.endswith(_ORBAX_TMP) and folder.is_dir()):
+        return False
+    names = {p.name for p in fs.listdir(folder)}
+    return {"meta", "vectors"} <= names and (not fs.is_remote(folder) or _COMMIT_FILE in names)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -64,11 +68,11 @@ def _checkpointer() -> ocp.Checkpointer:
 class Library:
     """The concepts under `root`, one orbax folder each."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).absolute()
+    def __init__(self, root: fs.PathLike):
+        self.root = fs.absolute(root)
 
-    def _folders(self) -> list[Path]:
-        if not self.root.is_dir():
+    def _folders(self) -> list[fs.Path]:
+        if not fs.is_dir(self.root):
             return []
         # Finished orbax saves are renamed into place as `<stem>-<8 hex>`; unfinished ones end in
         # ".orbax-checkpoint-tmp" and folders being removed in ".tmp-deleting". Matching the whole entry name (rather
@@ -86,14 +90,15 @@ class Library:
                 warnings.warn(f"skipping unreadable concept folder {folder}: {err}", stacklevel=2)
         return out
 
-    def is_entry(self, folder: str | Path) -> bool:
+    def is_entry(self, folder: fs.PathLike) -> bool:
         """Whether `folder` is one finished concept of this library."""
-        folder = Path(folder).absolute()
+        folder = fs.absolute(folder)
         return folder.parent == self.root and _complete(folder)
 
-    def read(self, folder: str | Path) -> Entry:
+    def read(self, folder: fs.PathLike) -> Entry:
         """The concept stored in `folder` (one of this library's entry folders)."""
-        folder = Path(folder).absolute()
+        fs.check_supported(folder, checkpoints=True)
+        folder = fs.absolute(folder)
         restored = _checkpointer().restore(
             folder, args=ocp.args.Composite(vectors=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         )
@@ -112,17 +117,21 @@ class Library:
         shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
         raise TixError(f"no concept {token!r} in the library {self.root} (it holds: {shown or 'none'})")
 
-    def _folder_for(self, token: str) -> Path:
+    def _folder_for(self, token: str) -> fs.Path:
         digest = hashlib.sha256(token.encode()).hexdigest()[:8]
         return self.root / f"{safe_stem(token)}-{digest}"
 
-    def add(self, concept: Concept, meta: dict[str, Any], *, replace: bool = False) -> Path:
+    def add(self, concept: Concept, meta: dict[str, Any], *, replace: bool = False) -> fs.Path:
+        fs.check_supported(self.root, checkpoints=True)
         folder = self._folder_for(concept.token)
-        if folder.exists():
+        if self._holds(folder):
             if not replace:
                 raise TixError(f"the library {self.root} already holds {concept.token!r}; remove it first "
                                f"(tix concepts rm) or add with replace")
             self.remove(concept.token)
+        elif fs.is_remote(folder) and fs.exists(folder):
+            # A save killed midway: on gs:// orbax writes in place, and would refuse the existing folder.
+            self._delete(folder)
         meta = {**{k: None for k in META_FIELDS}, **meta, "token": concept.token,
                 "vectors": concept.num_vectors, "tix_version": tix.__version__,
                 "date": meta.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -132,17 +141,29 @@ class Library:
                                                              meta=ocp.args.JsonSave(meta)))
         return folder
 
+    def _holds(self, folder: fs.Path) -> bool:
+        # Locally an unfinished save has another name, so the name alone says the concept is there.
+        return _complete(folder) if fs.is_remote(folder) else fs.exists(folder)
+
     def remove(self, token: str) -> None:
+        self._delete(self.get(token).path)
+
+    def _delete(self, folder: fs.Path) -> None:
         import jax
 
-        folder = self.get(token).path
         if jax.process_index() == 0:  # one writer in a multi-host run
-            # Rename first so a crash mid-delete never leaves a half-deleted folder that looks like a concept.
-            trash = folder.with_name(folder.name + ".tmp-deleting")
-            if trash.exists():  # left by an earlier remove that was killed
-                shutil.rmtree(trash)
-            folder.rename(trash)
-            shutil.rmtree(trash)
+            if fs.is_remote(folder):
+                # A folder rename on an object store copies every object; instead drop the commit marker first (one
+                # object, so at once), which makes the folder unfinished to every reader before its data goes.
+                (folder / _COMMIT_FILE).unlink(missing_ok=True)
+                fs.rmtree(folder)
+            else:
+                # Rename first so a crash mid-delete never leaves a half-deleted folder that looks like a concept.
+                trash = folder.with_name(folder.name + ".tmp-deleting")
+                if trash.exists():  # left by an earlier remove that was killed
+                    fs.rmtree(trash)
+                folder.rename(trash)
+                fs.rmtree(trash)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -152,15 +173,16 @@ class Library:
         """Copy every concept of `other` into this library; returns the tokens added."""
         added = []
         for entry in other.entries():
-            exists = self._folder_for(entry.concept.token).exists()
-            if exists and not replace:
+            if self._holds(self._folder_for(entry.concept.token)) and not replace:
                 continue
             self.add(entry.concept, entry.meta, replace=replace)
             added.append(entry.concept.token)
         return added
 
 
-def add_run(root: Path, sd: Any, cfg: Any, prepared: list[Any], learned: dict[str, dict[str, np.ndarray]]) -> Library:
+def add_run(
+    root: fs.PathLike, sd: Any, cfg: Any, prepared: list[Any], learned: dict[str, dict[str, np.ndarray]]
+) -> Library:
     """Record a finished run's concepts, with their provenance, in the library at `root`. Every process of a
     multi-host run calls this (orbax coordinates them); only process 0 writes."""
     library = Library(root)

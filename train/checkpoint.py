@@ -1,21 +1,24 @@
 """Run checkpoints on orbax: the learned vectors, optimizer state and step (every random draw and the data order are
 functions of the seeds and the step, so they need no state of their own). Orbax writes into a temporary folder and
-renames it when complete, so a run killed mid-save keeps its previous checkpoint."""
+renames it when complete, so a run killed mid-save keeps its previous checkpoint. On gs:// (no renames) it writes a
+commit_success.txt file last and ignores steps without one."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from tix import fs
+
 
 class Checkpoints:
     """The checkpoints of one wave of a run: `root/step` folders, the last `keep` kept."""
 
-    def __init__(self, root: Path, keep: int):
-        self.root = Path(root).absolute()
+    def __init__(self, root: fs.PathLike, keep: int):
+        fs.check_supported(root, checkpoints=True)
+        self.root = fs.absolute(root)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.root, options=options)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tix import templates
+from tix import fs, templates
 from tix.errors import ConfigError, TixError
 from train.config import ConceptSpec, TrainConfig
 
@@ -30,7 +29,7 @@ class Concept:
     """A concept with every default resolved."""
 
     token: str
-    images: tuple[Path, ...]
+    images: tuple[fs.Path, ...]
     init: str
     vectors: int
     style: bool
@@ -42,15 +41,15 @@ def concept_specs(cfg: TrainConfig) -> list[ConceptSpec]:
     """The concepts a run learns: the single --images/--token one, or one per subfolder of --concepts."""
     if cfg.images is not None:
         return [ConceptSpec(token=cfg.token, images=cfg.images)]
-    root = Path(cfg.concepts)
-    if not root.is_dir():
+    root = fs.path(cfg.concepts)
+    if not fs.is_dir(root):
         raise ConfigError(f"--concepts {root}: not a folder; it should hold one subfolder of images per concept")
     specs = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in (p for p in fs.listdir(root) if not p.name.startswith(".") and p.is_dir()):
         spec = ConceptSpec(token=f"<{folder.name}>", images=str(folder))
         meta = folder / CONCEPT_FILE
         if meta.exists():
-            values = yaml.safe_load(meta.read_text()) or {}
+            values = yaml.safe_load(fs.read_text(meta)) or {}
             unknown = set(values) - CONCEPT_FIELDS
             if unknown:
                 raise ConfigError(f"{meta}: unknown fields {sorted(unknown)}; allowed: {sorted(CONCEPT_FIELDS)}")
@@ -62,17 +61,19 @@ def concept_specs(cfg: TrainConfig) -> list[ConceptSpec]:
 
 
 def resolve_concept(spec: ConceptSpec, cfg: TrainConfig) -> Concept:
-    folder = Path(spec.images)
-    if not folder.is_dir():
+    folder = fs.path(spec.images)
+    if not fs.is_dir(folder):
         raise ConfigError(f"{spec.token}: image folder {folder} does not exist")
-    files = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    listing = fs.listdir(folder)  # one listing request on an object store, not one per file
+    names = {p.name for p in listing}
+    files = tuple(p for p in listing if p.suffix.lower() in IMAGE_SUFFIXES)
     style = cfg.style if spec.style is None else spec.style
     init = spec.init or cfg.init or ("painting" if style else "sculpture")
     vectors = spec.vectors or cfg.vectors
     captions = [p.with_suffix(".txt") for p in files]
     if spec.captions or cfg.prompts:
         prompts, per_image = tuple(spec.captions or cfg.prompts), False
-    elif files and all(c.exists() for c in captions):
+    elif files and all(c.name in names for c in captions):
         prompts = tuple(_caption_template(c, spec.token) for c in captions)
         per_image = True
     else:
@@ -83,8 +84,8 @@ def resolve_concept(spec: ConceptSpec, cfg: TrainConfig) -> Concept:
     return Concept(spec.token, files, init, vectors, style, prompts, per_image)
 
 
-def _caption_template(path: Path, token: str) -> str:
-    text = path.read_text().strip()
+def _caption_template(path: fs.Path, token: str) -> str:
+    text = fs.read_text(path).strip()
     if token not in text and "{}" not in text:
         raise ConfigError(
             f"caption {path} must contain the token {token!r} (or {{}}), e.g. 'a photo of {token} on a table'"
@@ -92,10 +93,10 @@ def _caption_template(path: Path, token: str) -> str:
     return text.replace(token, "{}")
 
 
-def load_image(path: Path) -> Image.Image | None:
+def load_image(path: fs.PathLike) -> Image.Image | None:
     """An RGB image with EXIF orientation applied, or None (with a warning naming the file) if unreadable."""
     try:
-        with Image.open(path) as im:
+        with Image.open(fs.readable(path)) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
@@ -131,7 +132,7 @@ def crops(
 
 def load_concept_pixels(
     concept: Concept, cfg: TrainConfig, resolution: int
-) -> tuple[np.ndarray, tuple[str, ...], list[Path]]:
+) -> tuple[np.ndarray, tuple[str, ...], list[fs.Path]]:
     """[n_images, views, H, W, 3] pixels of the usable images (views: each crop, then its mirror image), and the
     prompts aligned with them, and the files used."""
     rng = np.random.default_rng(cfg.seed)

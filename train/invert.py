@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import signal
 import time
 import warnings
@@ -22,7 +21,7 @@ import numpy as np
 import yaml
 
 import tix
-from tix import library, parallel, templates
+from tix import fs, library, parallel, templates
 from tix.embedding_files import output_stems
 from tix.errors import ConfigError, TixError
 from tix.pipeline import StableDiffusion
@@ -65,14 +64,15 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def _prepare_out(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
+def _prepare_out(cfg: TrainConfig) -> fs.Path:
+    out = fs.path(cfg.out)  # local or gs://: every write under it goes through tix.fs or orbax
+    fs.check_supported(out, checkpoints=True)
     saved = out / "config.yaml"
-    if saved.exists():
-        old = TrainConfig(**yaml.safe_load(saved.read_text()))
+    if fs.exists(saved):
+        old = TrainConfig(**yaml.safe_load(fs.read_text(saved)))
         if cfg.overwrite:
             for name in ("checkpoints", "validation", "tensorboard", "tokens"):
-                shutil.rmtree(out / name, ignore_errors=True)
+                fs.rmtree(out / name)
             for name in ("metrics.jsonl", "loss.png", "report.html"):
                 (out / name).unlink(missing_ok=True)
         elif not cfg.resume:
@@ -96,7 +96,7 @@ def _prepare_out(cfg: TrainConfig) -> Path:
         multihost_utils.sync_global_devices("tix: run folder checked")
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        saved.write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
+        fs.write_text(saved, dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
     return out
 
 
@@ -310,7 +310,7 @@ def _validate(
         batch = [t.format(p.concept.token) for _ in range(cfg.validation_seeds) for t in prompts]
         images = sd.generate(batch, steps=cfg.validation_steps, guidance=cfg.validation_guidance,
                              sampler=cfg.validation_sampler, seed=cfg.seed, size=resolution)
-        grid(images, len(prompts)).save(folder / f"{safe_stem(p.concept.token)}.png")
+        fs.save_image(grid(images, len(prompts)), folder / f"{safe_stem(p.concept.token)}.png")
 
 
 def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool = True) -> Result:

@@ -3,42 +3,104 @@
 from __future__ import annotations
 
 import html
+import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tix import fs
+
 
 class MetricsLog:
-    """Appends one JSON line per logged step and mirrors scalars to TensorBoard."""
+    """Appends one JSON line per logged step and mirrors scalars to TensorBoard.
 
-    def __init__(self, out: Path, enabled: bool = True):
+    An object store cannot append to an object, so under a remote `out` the lines are kept in memory and the whole
+    file is rewritten at most every `flush_seconds` and on close (a resumed run first reads the lines already there)."""
+
+    def __init__(self, out: fs.PathLike, enabled: bool = True, flush_seconds: float = 30.0):
+        out = fs.path(out)
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
+        self.remote = fs.is_remote(out)
+        self.flush_seconds = flush_seconds
         self.writer = None
+        self._text = ""
+        self._dirty = False
+        self._flushed = time.monotonic()
         if enabled:
             from tensorboardX import SummaryWriter
 
+            if self.remote:
+                _route_tensorboard(fs.scheme(out))
+                self._text = fs.read_text(self.path) if fs.exists(self.path) else ""
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        line = json.dumps({"step": step, "time": time.time(), **values}) + "\n"
+        if self.remote:
+            self._text += line
+            self._dirty = True
+            if time.monotonic() - self._flushed >= self.flush_seconds:
+                self.flush()
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
 
+    def flush(self) -> None:
+        if self.remote and self._dirty:
+            fs.write_text(self.path, self._text)
+            self._dirty = False
+        self._flushed = time.monotonic()
+
     def close(self) -> None:
+        self.flush()
         if self.writer is not None:
             self.writer.close()
 
 
-def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+class _ObjectRecordWriter:
+    """tensorboardX's event-file writer for remote folders, through tix.fs: events are buffered and the whole file is
+    rewritten on each flush (tensorboardX flushes every couple of minutes and on close)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        fs.write_bytes(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectRecordWriterFactory:
+    def open(self, path: str) -> _ObjectRecordWriter:
+        return _ObjectRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no folders to create
+
+
+def _route_tensorboard(scheme: str | None) -> None:
+    # tensorboardX picks a writer by the path's scheme; its own gs:// writer talks to GCS by itself, which would be a
+    # second filesystem layer with its own credentials and failure modes.
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _ObjectRecordWriterFactory())
+
+
+def read_metrics(out: fs.PathLike) -> list[dict]:
+    path = fs.path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in fs.read_text(path).splitlines()] if fs.exists(path) else []
 
 
 def grid(images: np.ndarray, columns: int) -> Image.Image:
@@ -52,7 +114,7 @@ def grid(images: np.ndarray, columns: int) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def loss_curve(out: Path) -> Path | None:
+def loss_curve(out: fs.PathLike) -> fs.Path | None:
     rows = [r for r in read_metrics(out) if "loss" in r]
     if not rows:
         return None
@@ -73,34 +135,36 @@ def loss_curve(out: Path) -> Path | None:
     ax.set_ylabel("diffusion loss")
     ax.legend()
     fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return path
+    return fs.write_bytes(fs.path(out) / "loss.png", buffer.getvalue())
 
 
-def write_html(out: Path, title: str, concepts: list[str], prompts: list[str]) -> Path:
+def write_html(out: fs.PathLike, title: str, concepts: list[str], prompts: list[str]) -> fs.Path:
     """report.html: the loss curve and, per concept, the validation grids over time."""
+    out = fs.path(out)
     parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}img{image-rendering:pixelated;max-width:100%}"
              "td{vertical-align:top;padding:4px}</style>",
              f"<h1>{html.escape(title)}</h1>"]
-    if (out / "loss.png").exists():
+    if fs.exists(out / "loss.png"):
         parts.append('<h2>Loss</h2><img src="loss.png">')
     val = out / "validation"
-    steps = sorted({int(p.name.split("-")[1]) for p in val.glob("step-*")}) if val.exists() else []
+    # One listing per step folder rather than one existence check per image (each is a request on an object store).
+    grids = {int(p.name.split("-")[1]): {q.name for q in fs.listdir(p)}
+             for p in (fs.listdir(val) if fs.is_dir(val) else []) if p.name.startswith("step-")}
+    steps = sorted(grids)
     parts.append("<h2>Validation</h2><p>Columns: " + " | ".join(html.escape(p) for p in prompts) +
                  " (fixed seeds, one row per seed)</p>")
     for name in concepts:
         parts.append(f"<h3>{html.escape(name)}</h3><table>")
         for step in steps:
             img = f"validation/step-{step:06d}/{_safe(name)}.png"
-            if (out / img).exists():
+            if f"{_safe(name)}.png" in grids[step]:
                 parts.append(f"<tr><td>step {step}</td><td><img src='{img}' width=512></td></tr>")
         parts.append("</table>")
-    path = out / "report.html"
-    path.write_text("\n".join(parts))
-    return path
+    return fs.write_text(out / "report.html", "\n".join(parts))
 
 
 def _safe(token: str) -> str:
