@@ -95,7 +95,7 @@ def random_sd(shape: str, dtype: str, compute_dtype: str | None = None):
                            default_size=size, source=f"random {shape}")
 
 
-def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool) -> dict:
+def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool, lower_only: bool = False) -> dict:
     """Compile and time tix's train step for one concept of `batch` images at `resolution`."""
     import dataclasses
     from functools import partial
@@ -132,6 +132,8 @@ def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool) -> dict:
     fn = jax.jit(partial(train_step, sd, cfg, opt, layout=Layout(mesh, False)), donate_argnums=(0,))
     t0 = time.perf_counter()
     lowered = fn.lower(state, frozen, tables)
+    if lower_only:
+        return {"gflop_per_image": cost.flops(lowered) / (slots * batch) / 1e9, "device": "lowered only"}
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, frozen, tables)  # warm-up
@@ -243,6 +245,9 @@ def main() -> None:
     p.add_argument("--remat", action="store_true")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch-style step")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lower-only", action="store_true",
+                   help="only count FLOPs per image on the lowered step (no compile, no timing): run it on CPU for "
+                        "backends whose analysis gives none (JAX 0.11 on GPU printed NaN)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also time sd.generate for N prompts at the model's size, 25 DPM++ steps, guidance 7.5")
     args = p.parse_args()
@@ -255,7 +260,7 @@ def main() -> None:
             for res in args.resolution or [sd.default_size]:
                 for batch in args.batch:
                     row = {"model": shape, "resolution": res, "batch": batch, "dtype": dtype, "remat": args.remat}
-                    row.update(time_tix(sd, res, batch, args.steps, args.remat))
+                    row.update(time_tix(sd, res, batch, args.steps, args.remat, args.lower_only))
                     print(json.dumps(row), flush=True)
                     if args.torch:
                         ref = _torch_in_subprocess(shape, res, batch, args.steps, dtype)

@@ -1,0 +1,252 @@
+"""Does a learned token draw the concept? Textual inversion measured on the bundled toy-world model, the way the paper
+measures it (reconstruction against editability, Gal et al. 2022 Fig. 10), with the toy world's scorer as the judge.
+
+    python benchmarks/toyworld.py [--concepts 10] [--steps 300] [--batch 4] [--samples 16] [--torch]
+
+Inverts the toy world's benchmark concepts (5 images each; some made of a shape or colour no word names) in batched
+`tix invert` runs, then samples every method's phrase for every concept with the same prompts and seeds and scores
+the images (`tix.toyworld.evaluate`). Methods:
+
+- tix-1v, tix-3v: one and three learned vectors (one run, both variants side by side);
+- tix-1v-high-lr, tix-1v-low-lr: one vector at 4x and 0.2x the learning rate (one run each);
+- caption: the most precise description the world's words allow (the paper's human-caption baseline);
+- init-word: the initializer word alone (the concept's shape name, or "object");
+- random: a random vector drawn from the vocabulary's embedding statistics;
+- with --torch, tix-1v exported to diffusers' format, loaded with `load_textual_inversion` into PyTorch diffusers'
+  StableDiffusionPipeline, and scored the same way.
+
+Writes results.json, table.md and scatter.png (reconstruction vs editability, named and unnamed concepts apart) to
+--out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tix  # noqa: E402
+from tix.toyworld import evaluate, world  # noqa: E402
+
+# name -> (vectors, lr factor, run): variants that share a run are trained together in one batched step.
+TIX_METHODS = {
+    "tix-1v": (1, 1.0, "base"),
+    "tix-3v": (3, 1.0, "base"),
+    "tix-1v-high-lr": (1, 4.0, "high-lr"),
+    "tix-1v-low-lr": (1, 0.2, "low-lr"),
+}
+SAMPLING = dict(steps=25, guidance=7.5, sampler="dpm++2m")
+
+
+def write_concepts(root: Path, concepts: list[world.Concept], methods: list[str], images: int, seed: int) -> None:
+    """One concept folder per (concept, method): the same 5 renders, with the method's vector count and the
+    concept's initializer word in concept.yaml."""
+    for c, concept in enumerate(concepts):
+        pixels = world.concept_images(concept, images, seed + c)
+        for method in methods:
+            folder = root / f"{concept.name}@{method}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(pixels):
+                Image.fromarray(image).save(folder / f"{i}.png")
+            vectors = TIX_METHODS[method][0]
+            (folder / "concept.yaml").write_text(yaml.safe_dump({"vectors": vectors, "init": concept.initializer}))
+
+
+def invert(model: str, concepts: list[world.Concept], out: Path, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Run every tix method; returns learned vectors by (concept name, method) and wall-clock seconds per run."""
+    from train.config import load_config
+    from train.invert import run
+
+    learned, seconds = {}, {}
+    for run_name in dict.fromkeys(r for _, _, r in TIX_METHODS.values()):
+        methods = [m for m, (_, _, r) in TIX_METHODS.items() if r == run_name]
+        data = out / "data" / run_name
+        write_concepts(data, concepts, methods, args.images, args.seed)
+        lr = args.lr * TIX_METHODS[methods[0]][1]
+        cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
+            "model": model, "concepts": str(data), "out": str(out / "runs" / run_name), "steps": args.steps,
+            "batch_size": args.batch, "lr": lr, "validate_every": 0, "save_every": args.steps, "overwrite": True,
+            "seed": args.seed,
+        })
+        t0 = time.perf_counter()
+        result = run(cfg, progress=False)
+        seconds[run_name] = time.perf_counter() - t0
+        for token, vectors in result.vectors.items():
+            name, method = token.strip("<>").split("@")
+            learned[name, method] = vectors
+        print(f"run {run_name}: {len(result.tokens)} tokens, {args.steps} steps, {seconds[run_name]:.0f} s "
+              f"(compile {result.compile_seconds:.0f} s), final loss {result.final_loss:.4f}", flush=True)
+    return learned, seconds
+
+
+def phrases(sd, concepts: list[world.Concept], learned: dict, seed: int) -> dict[tuple[str, str], str]:
+    """What each method writes for each concept; learned and random vectors are added to `sd` as tokens."""
+    out = {}
+    for c, concept in enumerate(concepts):
+        for method in TIX_METHODS:
+            token = f"<{concept.name}@{method}>"
+            vectors = learned[concept.name, method]
+            sd.add_tokens(token, [vectors[side.name] for side in sd.text])
+            out[concept.name, method] = token
+        out[concept.name, "caption"] = concept.best_caption()
+        out[concept.name, "init-word"] = concept.initializer
+        token = f"<{concept.name}@random>"
+        sd.add_tokens(token, evaluate.random_vectors(sd, seed + c))
+        out[concept.name, "random"] = token
+    return out
+
+
+def torch_generate(model_dir: Path, embeddings: Path, concepts: list[world.Concept]):
+    """A `generate(prompts, seed)` over PyTorch diffusers with the exported tix-1v tokens loaded from their files."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    from tix.embedding_files import safe_stem
+
+    for concept in concepts:
+        token = f"<{concept.name}@tix-1v>"
+        pipe.load_textual_inversion(str(embeddings / safe_stem(token) / "learned_embeds.safetensors"), token=token)
+
+    def generate(prompts: list[str], seed: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            images = pipe(prompts, num_inference_steps=SAMPLING["steps"], guidance_scale=SAMPLING["guidance"],
+                          generator=g, output_type="np").images
+        return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
+
+    return generate
+
+
+def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
+              methods: list[str]) -> dict[str, dict[str, evaluate.Score]]:
+    groups = {"named": [c for c in concepts if c.nameable], "unnamed": [c for c in concepts if not c.nameable],
+              "all": concepts}
+    out: dict[str, dict[str, evaluate.Score]] = {}
+    for method in methods:
+        out[method] = {}
+        for group, members in groups.items():
+            pooled = [scores[c.name, method] for c in members if (c.name, method) in scores]
+            if pooled:
+                total = pooled[0]
+                for s in pooled[1:]:
+                    total = total + s
+                out[method][group] = total
+    return out
+
+
+def table(summary: dict[str, dict[str, evaluate.Score]]) -> str:
+    lines = ["| method | named: reconstruction | named: editability | unnamed: reconstruction | "
+             "unnamed: editability | all: reconstruction | all: editability |",
+             "|---|---|---|---|---|---|---|"]
+    for method, groups in summary.items():
+        cells = []
+        for group in ("named", "unnamed", "all"):
+            s = groups.get(group)
+            cells += [f"{s.reconstruction:.2f}", f"{s.editability:.2f}"] if s else ["-", "-"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scatter(summary: dict[str, dict[str, evaluate.Score]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110, sharex=True, sharey=True)
+    for ax, group in zip(axes, ("named", "unnamed"), strict=True):
+        for i, (method, groups) in enumerate(summary.items()):
+            if group not in groups:
+                continue
+            s = groups[group]
+            marker = "o" if method.startswith("tix") else "s"
+            ax.scatter(s.reconstruction, s.editability, color=f"C{i}", marker=marker, s=60, label=method)
+            ax.annotate(method, (s.reconstruction, s.editability), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
+        ax.set_title(f"{group} concepts")
+        ax.set_xlabel("reconstruction (share of samples showing the concept)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("editability (share of edits kept and obeyed)")
+    fig.suptitle("Textual inversion on the toy world: reconstruction against editability")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="toyworld")
+    p.add_argument("--out", type=Path, default=Path("runs/toyworld-bench"))
+    p.add_argument("--concepts", type=int, default=10, help="how many of world.benchmark_concepts() (at most 10)")
+    p.add_argument("--images", type=int, default=5, help="training images per concept")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=4, help="images per concept per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="the base learning rate (scaled by the batch size)")
+    p.add_argument("--samples", type=int, default=16, help="reconstruction and edit samples per concept and method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch", action="store_true", help="also score tix-1v exported and loaded in PyTorch diffusers")
+    args = p.parse_args(argv)
+    concepts = world.benchmark_concepts()[: args.concepts]
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    learned, seconds = invert(args.model, concepts, args.out, args)
+
+    sd = tix.load(args.model)
+    said = phrases(sd, concepts, learned, args.seed)
+    methods = list(TIX_METHODS) + ["caption", "init-word", "random"]
+
+    def generate(prompts: list[str], seed: int) -> np.ndarray:
+        return sd.generate(prompts, seed=seed, **SAMPLING)
+
+    scores = {}
+    t1 = time.perf_counter()
+    for concept in concepts:
+        for method in methods:
+            scores[concept.name, method] = evaluate.score_phrase(generate, concept, said[concept.name, method],
+                                                                 samples=args.samples, seed=args.seed)
+        print(f"{concept.name}: " + "  ".join(
+            f"{m} {scores[concept.name, m].reconstruction:.2f}/{scores[concept.name, m].editability:.2f}"
+            for m in methods), flush=True)
+    sampling_s = time.perf_counter() - t1
+    if args.torch:
+        from tix.loading import resolve
+
+        torch_gen = torch_generate(resolve(args.model), args.out / "runs" / "base" / "embeddings", concepts)
+        for concept in concepts:
+            scores[concept.name, "tix-1v (diffusers)"] = evaluate.score_phrase(
+                torch_gen, concept, f"<{concept.name}@tix-1v>", samples=args.samples, seed=args.seed)
+        methods.append("tix-1v (diffusers)")
+
+    summary = summarise(scores, concepts, methods)
+    md = table(summary)
+    (args.out / "table.md").write_text(md + "\n")
+    scatter(summary, args.out / "scatter.png")
+    (args.out / "results.json").write_text(json.dumps({
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "concepts": {c.name: {"fixed": c.fixed, "unnamed": list(c.unnamed)} for c in concepts},
+        "per_concept": {f"{n}|{m}": vars(s) for (n, m), s in scores.items()},
+        "summary": {m: {g: vars(s) for g, s in groups.items()} for m, groups in summary.items()},
+        "seconds": {**{f"invert {k}": v for k, v in seconds.items()}, "sampling": sampling_s,
+                    "total": time.perf_counter() - t0},
+    }, indent=1))
+    print(md)
+    print(f"\nwrote {args.out}/table.md, scatter.png, results.json; total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Reconstruction and editability of a phrase standing for a concept, read by the toy world's scorer: the paper's
+two axes (Gal et al. 2022, Fig. 10) measured by attributes instead of CLIP similarity.
+
+- reconstruction: the share of "a photo of a {phrase}" samples that show every attribute the concept fixes;
+- editability: the share of edited prompts ("a {phrase} on a green background", "a small {phrase}", ...) whose
+  samples keep the concept and obey the edit.
+
+A phrase is whatever a method writes for the concept: a learned token, the best caption the world's words allow,
+the initializer word, or a random vector's token. Every phrase of a concept is sampled with the same prompts and the
+same noise, so methods differ only in the phrase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tix.toyworld import scorer, world
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    reconstruction: float
+    editability: float
+    samples: int  # of each kind
+
+    def __add__(self, other: Score) -> Score:
+        """The pooled score of two sets of samples."""
+        n = self.samples + other.samples
+        return Score((self.reconstruction * self.samples + other.reconstruction * other.samples) / n,
+                     (self.editability * self.samples + other.editability * other.samples) / n, n)
+
+
+def prompts(concept: world.Concept, phrase: str, samples: int) -> list[tuple[str, dict[str, str], bool]]:
+    """`samples` reconstruction prompts then `samples` edit prompts, each with the attributes an image must show and
+    whether it is an edit. The edits are drawn from `world.edit_prompts` in an order fixed by the concept's name, so
+    every phrase of a concept gets the same edits."""
+    recon = [(world.RECONSTRUCTION_TEMPLATE.format(phrase), concept.expected(), False)] * samples
+    edits = world.edit_prompts(concept, phrase)
+    order = np.random.default_rng(zlib.crc32(concept.name.encode())).permutation(len(edits))
+    chosen = [edits[order[j % len(edits)]] for j in range(samples)]
+    return recon + [(text, concept.expected(overrides), True) for text, overrides in chosen]
+
+
+def tally(images: np.ndarray, expected: Sequence[dict[str, str]], is_edit: Sequence[bool]) -> Score:
+    """Score generated images against what each prompt asked for."""
+    scored = scorer.score(images)
+    hits = np.array([scorer.matches(s, e) for s, e in zip(scored, expected, strict=True)])
+    edit = np.asarray(is_edit, bool)
+    return Score(float(hits[~edit].mean()), float(hits[edit].mean()), int((~edit).sum()))
+
+
+def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: world.Concept, phrase: str, *,
+                 samples: int = 16, seed: int = 0) -> Score:
+    """Reconstruction and editability of `phrase` for `concept`. `generate(prompts, seed)` returns uint8 images, one
+    per prompt (tix's `StableDiffusion.generate`, or a diffusers pipeline for exported tokens); the seed is the
+    same for every phrase of a concept."""
+    items = prompts(concept, phrase, samples)
+    images = generate([p for p, _, _ in items], seed + zlib.crc32(concept.name.encode()) % 100_000)
+    return tally(images, [e for _, e, _ in items], [k for _, _, k in items])
+
+
+def random_vectors(sd, seed: int) -> list[np.ndarray]:
+    """One vector per text encoder drawn from a normal fitted to the vocabulary's embeddings (per-dimension mean
+    and spread): the 'random vector' baseline, a token that names nothing."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for side in sd.text:
+        table = np.asarray(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"],
+                           np.float32)
+        out.append((table.mean(0) + table.std(0) * rng.standard_normal(table.shape[1]))[None].astype(np.float32))
+    return out
