@@ -96,7 +96,7 @@ def _prepare_out(cfg: TrainConfig) -> fs.Path:
         multihost_utils.sync_global_devices("tix: run folder checked")
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        fs.write_text(saved, dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
+        saved.write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
     return out
 
 
