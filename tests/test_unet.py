@@ -317,3 +317,23 @@ def test_full_size_sd15_random_weights():
     rel = np.abs(out - ref).max() / np.abs(ref).max()
     print(f"unet full-size SD 1.5: max-abs err / max |ref| = {rel:.3g}")
     assert rel < 1e-3
+
+
+def test_attention_takes_cudnn_flash_only_where_it_applies(monkeypatch):
+    # On GPU, XLA's attention materialises [B, heads, 4096, 4096] logits at SD 1.5's latents; cuDNN's fused kernel
+    # does not. It must be chosen only where it works: half precision, head width a multiple of 8 up to 128, and
+    # self-attention of even length (its backward refuses CLIP's 77 tokens).
+    from tix.models import attention as A
+
+    def impl(t, s, d, dtype):
+        return A._implementation(jnp.zeros((1, t, 2, d), dtype), jnp.zeros((1, s, 2, d), dtype))
+
+    assert impl(4096, 4096, 40, jnp.bfloat16) == "xla"  # on this CPU
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
+    assert impl(4096, 4096, 40, jnp.bfloat16) == "cudnn"
+    assert impl(1024, 1024, 64, jnp.float16) == "cudnn"
+    assert impl(4096, 77, 40, jnp.bfloat16) == "xla"  # cross-attention
+    assert impl(77, 77, 64, jnp.bfloat16) == "xla"  # the text encoder
+    assert impl(4096, 4096, 40, jnp.float32) == "xla"
+    assert impl(4096, 4096, 36, jnp.bfloat16) == "xla"
+    assert impl(256, 256, 160, jnp.bfloat16) == "xla"

@@ -6,6 +6,23 @@ import jax
 import jax.numpy as jnp
 
 
+def _implementation(q: jax.Array, k: jax.Array) -> str:
+    """cuDNN's fused (flash) attention where it applies, else XLA's.
+
+    `jax.nn.dot_product_attention` with no implementation named uses XLA's, which materialises the full
+    [batch, heads, length, length] logits: at SD 1.5's 64 x 64 latents that is 4096 x 4096 per head, the largest
+    tensor of the train step and a large share of its time. cuDNN's kernel needs a GPU, half precision, a head
+    width that is a multiple of 8 up to 128 (SD's 40, 64 and 80 all are) and, for its backward, even sequence
+    lengths: so the UNet's self-attention takes it, while cross-attention to CLIP's 77 tokens (small logits) and
+    the text encoder stay on XLA.
+    """
+    head_dim, length = q.shape[-1], q.shape[1]
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128 and k.shape[1] == length and length % 2 == 0):
+        return "cudnn"
+    return "xla"
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -16,12 +33,16 @@ def attention(
 ) -> jax.Array:
     """Multi-head attention on [batch, length, heads, head_dim] arrays.
 
-    Goes through `jax.nn.dot_product_attention` so XLA picks a fused kernel on GPU/TPU (cuDNN flash attention on
-    Hopper for bf16/fp16). `upcast` computes in float32, which SD 2.x's `upcast_attention` asks for because its
-    logits overflow in half precision.
+    `upcast` computes in float32, which SD 2.x's `upcast_attention` asks for because its logits overflow in half
+    precision (and so never takes the cuDNN path).
     """
     dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    return out.astype(dtype)
+    implementation = _implementation(q, k)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn").astype(dtype)
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass  # an older cuDNN or an unsupported shape: XLA's attention computes the same thing
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla").astype(dtype)
