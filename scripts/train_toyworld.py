@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,11 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--unet-steps", type=int, default=1600)
-    p.add_argument("--unet-batch", type=int, default=48)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0 turns it off")
-    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--empty-caption", type=float, default=0.1)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-images", type=int, default=8, help="images per evaluation prompt (0: no evaluation)")
@@ -68,11 +67,28 @@ def _save(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def _load(path: Path) -> dict | None:
+def _load(path: Path, key: str) -> dict | None:
+    """A stage's saved state, if it was made with the same settings (`key`); refuses another run's state."""
     if not path.exists():
         return None
     with path.open("rb") as f:
-        return pickle.load(f)
+        state = pickle.load(f)
+    if state.get("key") != key:
+        raise SystemExit(f"{path} was written by a run with other settings:\n  {state.get('key')}\nnot\n  {key}\n"
+                         "use another --work folder (or delete it)")
+    return state
+
+
+def _stage_key(args: argparse.Namespace, stage: str) -> str:
+    """The settings a stage's result depends on (stage 2 depends on stage 1's too)."""
+    vae = {k: getattr(args, k) for k in ("seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight", "vae")}
+    vae["vae_config"] = M.VAE_CONFIG
+    if stage == "vae":
+        return json.dumps(vae, sort_keys=True, default=str)
+    unet = {k: getattr(args, k) for k in ("unet_steps", "unet_batch", "unet_lr", "snr_gamma", "ema", "empty_caption",
+                                          "unet", "text")}
+    unet.update(unet_config=M.UNET_CONFIG, text_config=M.TEXT_CONFIG, scheduler=M.SCHEDULER_CONFIG)
+    return json.dumps({"vae": vae, "unet": unet}, sort_keys=True, default=str)
 
 
 def _fmt(metrics: list[dict]) -> str:
@@ -81,72 +97,79 @@ def _fmt(metrics: list[dict]) -> str:
 
 
 def train_vae(args, models, params, work: Path) -> dict:
-    done = work / "vae_final.pkl"
-    if done.exists():
+    key = _stage_key(args, "vae")
+    done = _load(work / "vae_final.pkl", key)
+    if done is not None:
         print("stage 1 (VAE): done before, loaded", flush=True)
-        return _load(done)
+        return done["params"]
     vae = models["vae"]
     optimizer = M.adamw(args.vae_lr, args.vae_steps, warmup=100)
-    state = _load(work / "vae_ckpt.pkl") or {"params": params, "opt": optimizer.init(params), "step": 0}
+    state = _load(work / "vae_ckpt.pkl", key) or {"params": params, "opt": optimizer.init(params), "step": 0}
     step_fn = M.make_vae_step(vae, optimizer, args.kl_weight)
-    key = jax.random.fold_in(jax.random.key(args.seed), 1)
+    rng = jax.random.fold_in(jax.random.key(args.seed), 1)
     p, opt, start = state["params"], state["opt"], state["step"]
     t0, logs = time.time(), []
     print(f"stage 1 (VAE): steps {start}..{args.vae_steps}, batch {args.vae_batch}", flush=True)
     for i in range(start, args.vae_steps):
         images, _ = world.dataset(args.vae_batch, VAE_DATA + args.seed * 10_000_000 + i)
-        p, opt, metrics = step_fn(p, opt, images, jax.random.fold_in(key, i))
+        p, opt, metrics = step_fn(p, opt, images, jax.random.fold_in(rng, i))
         logs.append(metrics)
         if (i + 1) % LOG_EVERY == 0:
             rate = (i + 1 - start) / (time.time() - t0)
             print(f"  vae {i + 1:5d} {_fmt(logs)} ({rate:.2f} steps/s)", flush=True)
             logs = []
         if (i + 1) % args.checkpoint_every == 0:
-            _save(work / "vae_ckpt.pkl", {"params": p, "opt": opt, "step": i + 1})
+            _save(work / "vae_ckpt.pkl", {"params": p, "opt": opt, "step": i + 1, "key": key})
     print(f"stage 1 (VAE): {time.time() - t0:.0f} s", flush=True)
-    _save(done, jax.device_get(p))
+    _save(work / "vae_final.pkl", {"params": p, "key": key})
     return p
 
 
-def vae_report(models, vae_params, seed: int) -> float:
-    """Scaling factor from held-out latents; prints reconstruction error and the scorer's accuracy on
-    reconstructions (an upper bound for what the diffusion model can show)."""
+def finish_vae(models, vae_params, seed: int) -> tuple[dict, float]:
+    """Whiten the latents per channel (`tix.toyworld.model.whiten_vae`) from held-out images, then set SD's
+    scaling factor (1 / std, close to 1 after whitening). Prints reconstruction error and the scorer's accuracy on
+    reconstructions: the ceiling for what the diffusion model can show."""
     from tix.toyworld import scorer
 
     images, _, scenes = world.dataset(1024, SCALE_DATA + seed, return_scenes=True)
     encode, decode = M.make_encode(models["vae"]), M.make_decode(models["vae"])
-    means, recons = [], []
-    for s in range(0, len(images), 256):
-        mean, _ = encode(vae_params, images[s : s + 256])
-        means.append(np.asarray(mean))
-        recons.append(np.asarray(decode(vae_params, mean)))
-    means, recons = np.concatenate(means), np.concatenate(recons)
+
+    def latents(params):
+        return np.concatenate([np.asarray(encode(params, images[s : s + 256])[0]) for s in range(0, len(images), 256)])
+
+    means = latents(vae_params)
+    print(f"VAE latents: per-channel mean {np.round(means.mean(axis=(0, 1, 2)), 3)} std "
+          f"{np.round(means.std(axis=(0, 1, 2)), 3)}", flush=True)
+    vae_params = M.whiten_vae(vae_params, means.mean(axis=(0, 1, 2)), means.std(axis=(0, 1, 2)))
+    means = latents(vae_params)
     scale = M.latent_scaling_factor(means)
+    recons = np.concatenate([np.asarray(decode(vae_params, means[s : s + 256])) for s in range(0, len(means), 256)])
     err = np.abs(recons.astype(np.float32) - images.astype(np.float32)).mean() / 255
     scored = scorer.score(recons)
     acc = {a: np.mean([s[a] == getattr(sc, a) for s, sc in zip(scored, scenes, strict=True)]) for a in world.ATTRIBUTES}
-    print(f"VAE: latent mean {means.mean():.3f} std {means.std():.3f} per-channel std {means.std(axis=(0, 1, 2))} "
-          f"-> scaling_factor {scale:.5f}; reconstruction L1 {err:.4f}; scorer on reconstructions "
+    print(f"VAE whitened: mean {means.mean():.3f} std {means.std():.3f} -> scaling_factor {scale:.5f}; "
+          f"reconstruction L1 {err:.4f} (of 1); scorer on reconstructions "
           + " ".join(f"{a} {v:.3f}" for a, v in acc.items()), flush=True)
-    return scale
+    return vae_params, scale
 
 
 def train_diffusion(args, models, params, vae_params, scale, tokenizer, work: Path) -> dict:
-    done = work / "unet_final.pkl"
-    if done.exists():
+    key = _stage_key(args, "unet")
+    done = _load(work / "unet_final.pkl", key)
+    if done is not None:
         print("stage 2 (text encoder + UNet): done before, loaded", flush=True)
-        return _load(done)
+        return done
     schedule = NoiseSchedule.from_diffusers(M.SCHEDULER_CONFIG)
     optimizer = M.adamw(args.unet_lr, args.unet_steps, warmup=100)
     trainable = {"text_encoder": params["text_encoder"], "unet": params["unet"]}
-    state = _load(work / "unet_ckpt.pkl") or {
+    state = _load(work / "unet_ckpt.pkl", key) or {
         "params": trainable, "ema": trainable, "opt": optimizer.init(trainable), "step": 0,
     }
     step_fn = M.make_diffusion_step(models, schedule, optimizer, snr_gamma=args.snr_gamma or None,
                                     ema_decay=args.ema)
     encode = M.make_encode(models["vae"])
     ids_of = M.CaptionIds(tokenizer)
-    key = jax.random.fold_in(jax.random.key(args.seed), 2)
+    rng = jax.random.fold_in(jax.random.key(args.seed), 2)
     p, ema, opt, start = state["params"], state["ema"], state["opt"], state["step"]
     t0, logs = time.time(), []
     print(f"stage 2 (text encoder + UNet): steps {start}..{args.unet_steps}, batch {args.unet_batch}", flush=True)
@@ -157,17 +180,17 @@ def train_diffusion(args, models, params, vae_params, scale, tokenizer, work: Pa
         captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
         mean, logvar = encode(vae_params, images)
         p, ema, opt, metrics = step_fn(p, ema, opt, mean, logvar, scale, ids_of(captions),
-                                       jax.random.fold_in(key, i), i)
+                                       jax.random.fold_in(rng, i), i)
         logs.append(metrics)
         if (i + 1) % LOG_EVERY == 0:
             rate = (i + 1 - start) / (time.time() - t0)
             print(f"  unet {i + 1:5d} {_fmt(logs)} ({rate:.2f} steps/s)", flush=True)
             logs = []
         if (i + 1) % args.checkpoint_every == 0:
-            _save(work / "unet_ckpt.pkl", {"params": p, "ema": ema, "opt": opt, "step": i + 1})
+            _save(work / "unet_ckpt.pkl", {"params": p, "ema": ema, "opt": opt, "step": i + 1, "key": key})
     print(f"stage 2 (text encoder + UNet): {time.time() - t0:.0f} s", flush=True)
-    result = {"params": jax.device_get(p), "ema": jax.device_get(ema)}
-    _save(done, result)
+    result = {"params": jax.device_get(p), "ema": jax.device_get(ema), "key": key}
+    _save(work / "unet_final.pkl", result)
     return result
 
 
@@ -237,8 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {sum(x.size for x in jax.tree.leaves(tree)):,} parameters", flush=True)
 
     t1 = time.time()
-    vae_params = train_vae(args, models, params["vae"], work)
-    scale = vae_report(models, vae_params, args.seed)
+    vae_params, scale = finish_vae(models, train_vae(args, models, params["vae"], work), args.seed)
     t2 = time.time()
     trained = train_diffusion(args, models, params, vae_params, scale, tokenizer, work)
     t3 = time.time()
@@ -256,10 +278,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # The loader asks every model for init_params; older tix VAEs lacked it.
-    from tix.models.vae import AutoencoderKL
-
-    if not hasattr(AutoencoderKL, "init_params"):
-        AutoencoderKL.init_params = lambda self, rng: self.init(
-            rng, jnp.zeros((1, M.IMAGE_SIZE, M.IMAGE_SIZE, self.config.in_channels)))["params"]
     main()
