@@ -39,21 +39,26 @@ def test_bundled_folder_is_a_small_diffusers_pipeline():
     assert vae_cfg["scaling_factor"] != 1.0  # set from the trained latents
 
 
+# Every generate call below has the same batch (2), steps and guidance, so the sampling loop compiles once.
+STEPS, GUIDANCE = 20, 7.5
+
+
 def test_tix_loads_and_generates(sd):
     assert sd.kind == "sd1"
-    images = sd.generate(["a red circle", "a blue striped square on a green background"], steps=4, guidance=5.0,
-                         seed=0, size=32)
+    images = sd.generate(["a red circle", "a blue striped square on a green background"], steps=STEPS,
+                         guidance=GUIDANCE, seed=0)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     assert images.std() > 10  # an object on a background, not a flat field
 
 
-def test_named_colour_is_drawn(sd):
-    # Chance is 1/5 per colour; the trained model draws the named one almost always (see the training report).
-    images = sd.generate(["a red circle"] * 8, steps=20, guidance=5.0, seed=1, size=32)
+def test_named_colour_and_shape_are_drawn(sd):
+    # Chance is 1/5 for a colour and for a shape; the trained model draws the named ones far more often.
+    images = np.concatenate([sd.generate(["a red circle"] * 2, steps=STEPS, guidance=GUIDANCE, seed=seed)
+                             for seed in range(1, 5)])
     scored = scorer.score(images)
     red = sum(s["colour"] == "red" for s in scored)
     circles = sum(s["shape"] == "circle" for s in scored)
-    assert red >= 4, scored
+    assert red >= 6, scored
     assert circles >= 3, scored
 
 
