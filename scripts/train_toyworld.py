@@ -9,8 +9,8 @@ a function of --seed and the step counts. Each stage checkpoints to --work (defa
 rerun with the same arguments resumes where it stopped and skips finished stages. The EMA weights are saved in fp16.
 
 The defaults took 71 minutes on two CPU cores shared with other work (VAE 718 s, text encoder + UNet 3506 s); the
-script prints timings, losses and, at the end, the
-per-attribute accuracy of generated images read by `tix.toyworld.scorer`.
+script prints timings, losses and, at the end, the per-attribute accuracy of generated images read by
+`tix.toyworld.scorer`.
 """
 
 from __future__ import annotations
