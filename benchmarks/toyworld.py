@@ -140,10 +140,7 @@ def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[worl
         for group, members in groups.items():
             pooled = [scores[c.name, method] for c in members if (c.name, method) in scores]
             if pooled:
-                total = pooled[0]
-                for s in pooled[1:]:
-                    total = total + s
-                out[method][group] = total
+                out[method][group] = sum(pooled[1:], start=pooled[0])
     return out
 
 

@@ -6,7 +6,8 @@ Stage 1 trains the VAE on reconstruction; the latent scaling factor is then set 
 was; stage 2 trains the CLIP text encoder and the UNet together with the epsilon loss, on captions from the world
 (10% dropped to "" so classifier-free guidance works). Images are rendered on the fly from per-step seeds, so a run is
 a function of --seed and the step counts. Each stage checkpoints to --work (default /tmp/tix-toyworld-<seed>) and a
-rerun with the same arguments resumes where it stopped and skips finished stages. The EMA weights are saved in fp16.
+rerun with the same arguments resumes where it stopped and skips finished stages. The EMA weights are saved, the UNet
+and VAE in fp16 and the text encoder in fp32 (see `tix.toyworld.model.save_pipeline`).
 
 The defaults took 71 minutes on two CPU cores shared with other work (VAE 718 s, text encoder + UNet 3506 s); the
 script prints timings, losses and, at the end, the per-attribute accuracy of generated images read by

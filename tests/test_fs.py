@@ -28,12 +28,12 @@ from orbax.checkpoint._src.path import gcs_utils
 from PIL import Image
 
 import tix
+from tests.test_train import make_concept
 from tix import embedding_files as ef
 from tix import fs
 from tix.cli import main
 from tix.errors import TixError
 from tix.library import Library
-from tix.toyworld import world
 
 
 @contextlib.contextmanager
@@ -90,13 +90,6 @@ def bucket(tmp_path, monkeypatch):
     assert not any(work.iterdir()), f"files written outside the fake bucket: {list(work.iterdir())}"
 
 
-def write_images(folder: Path, index: int = 0, n: int = 3) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    concept = world.benchmark_concepts()[index]
-    for i, image in enumerate(world.concept_images(concept, n, seed=index)):
-        Image.fromarray(image).save(folder / f"{i}.png")
-    return folder
-
 
 def no_temporaries(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.name.endswith(".tmp") or ".orbax-checkpoint-tmp" in p.name]
@@ -107,7 +100,7 @@ def no_temporaries(root: Path) -> list[str]:
 
 
 def test_invert_on_gs_end_to_end(bucket, tiny_dirs, capsys):
-    write_images(bucket / "bucket" / "cat")
+    make_concept(bucket / "bucket" / "cat", 0, n=3)
     main(["invert", "--model", str(tiny_dirs("sd1")), "--images", "gs://bucket/cat", "--token", "<cat>",
           "--init", "cat", "--out", "gs://bucket/run", "--steps", "4", "--batch-size", "2", "--save-every", "2",
           "--validate-every", "4", "--set", "validation_steps=2", "--set", "validation_seeds=1",
@@ -189,10 +182,10 @@ def test_concepts_folder_on_gs(bucket):
     from train.config import TrainConfig
 
     root = bucket / "bucket" / "concepts"
-    write_images(root / "dog", 1, n=2)
+    make_concept(root / "dog", 1, n=2)
     (root / "dog" / "0.txt").write_text("a photo of <dog> on grass")
     (root / "dog" / "1.txt").write_text("<dog> asleep")
-    write_images(root / "style", 2, n=2)
+    make_concept(root / "style", 2, n=2)
     (root / "style" / "concept.yaml").write_text("style: true\ninit: painting\n")
     (root / ".hidden").mkdir()
     cfg = TrainConfig(model="unused", concepts="gs://bucket/concepts", out="gs://bucket/out", resolution=32)

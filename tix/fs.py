@@ -100,9 +100,7 @@ def _reading(p: epath.Path) -> Iterator[None]:
     the path; a missing local file stays a FileNotFoundError as before."""
     try:
         yield
-    except TixError:
-        raise
-    except FileNotFoundError:
+    except (TixError, FileNotFoundError):
         raise
     except Exception as err:
         if not is_remote(p):
@@ -110,18 +108,20 @@ def _reading(p: epath.Path) -> Iterator[None]:
         raise TixError(f"cannot read {p}: {type(err).__name__}: {err}") from err
 
 
-def exists(p: PathLike) -> bool:
+def _query(p: PathLike, method: str):
+    """`path(p).<method>()` after the remote-support check, with remote failures named (see `_reading`)."""
     p = path(p)
     check_supported(p)
     with _reading(p):
-        return p.exists()
+        return getattr(p, method)()
+
+
+def exists(p: PathLike) -> bool:
+    return _query(p, "exists")
 
 
 def is_dir(p: PathLike) -> bool:
-    p = path(p)
-    check_supported(p)
-    with _reading(p):
-        return p.is_dir()
+    return _query(p, "is_dir")
 
 
 def listdir(p: PathLike) -> list[epath.Path]:
@@ -132,10 +132,7 @@ def listdir(p: PathLike) -> list[epath.Path]:
 
 
 def read_bytes(p: PathLike) -> bytes:
-    p = path(p)
-    check_supported(p)
-    with _reading(p):
-        return p.read_bytes()
+    return _query(p, "read_bytes")
 
 
 def read_text(p: PathLike) -> str:
@@ -157,10 +154,8 @@ def readable(p: PathLike) -> str | IO[bytes]:
 
 def open_read(p: PathLike) -> IO[bytes]:
     """`p` opened for reading bytes: the file itself when local, its bytes in memory when remote."""
-    p = path(p)
-    if not is_remote(p):
-        return open(p, "rb")
-    return io.BytesIO(read_bytes(p))
+    source = readable(p)
+    return open(source, "rb") if isinstance(source, str) else source
 
 
 @contextlib.contextmanager
@@ -227,9 +222,6 @@ def save_image(image: Image.Image, p: PathLike, format: str | None = None) -> ep
     return write_bytes(p, buffer.getvalue())
 
 
-
 def rmtree(p: PathLike) -> None:
     """Remove folder `p` and everything in it; nothing to do if it does not exist."""
-    p = path(p)
-    if p.exists():
-        p.rmtree(missing_ok=True)
+    path(p).rmtree(missing_ok=True)

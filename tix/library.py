@@ -186,8 +186,9 @@ def add_run(
     """Record a finished run's concepts, with their provenance, in the library at `root`. Every process of a
     multi-host run calls this (orbax coordinates them); only process 0 writes."""
     library = Library(root)
-    tables = {side.name: table_hash(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"])
-              for side in sd.text}
+    from tix.models.clip import token_table
+
+    tables = {side.name: table_hash(token_table(sd.params[side.name])) for side in sd.text}
     for p in prepared:
         c = p.concept
         meta = {"base_model": sd.source, "family": sd.kind, "table_hash": tables, "init": c.init, "style": c.style,

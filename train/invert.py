@@ -24,6 +24,7 @@ import tix
 from tix import fs, library, parallel, templates
 from tix.embedding_files import output_stems
 from tix.errors import ConfigError, TixError
+from tix.models.clip import token_table
 from tix.pipeline import StableDiffusion
 from train import cost, data
 from train.checkpoint import Checkpoints
@@ -117,7 +118,7 @@ def init_vectors(sd: StableDiffusion, init: str, n: int) -> list[np.ndarray]:
                     f"{len(pieces)} pieces); choose a common word that describes the concept, e.g. 'cat' or 'toy'"
                 )
             ids.append(pieces[0])
-        table = np.asarray(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"], np.float32)
+        table = np.asarray(token_table(sd.params[side.name]), np.float32)
         out.append(np.stack([table[ids[j % len(ids)]] for j in range(n)]))
     return out
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tix.toyworld import scorer, world
+
+if TYPE_CHECKING:
+    from tix.pipeline import StableDiffusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +67,14 @@ def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: worl
     return tally(images, [e for _, e, _ in items], [k for _, _, k in items])
 
 
-def random_vectors(sd, seed: int) -> list[np.ndarray]:
+def random_vectors(sd: StableDiffusion, seed: int) -> list[np.ndarray]:
     """One vector per text encoder drawn from a normal fitted to the vocabulary's embeddings (per-dimension mean
     and spread): the 'random vector' baseline, a token that names nothing."""
+    from tix.models.clip import token_table
+
     rng = np.random.default_rng(seed)
     out = []
     for side in sd.text:
-        table = np.asarray(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"],
-                           np.float32)
+        table = np.asarray(token_table(sd.params[side.name]), np.float32)
         out.append((table.mean(0) + table.std(0) * rng.standard_normal(table.shape[1]))[None].astype(np.float32))
     return out
