@@ -177,7 +177,7 @@ def train_diffusion(args, models, params, vae_params, scale, tokenizer, work: Pa
     print(f"stage 2 (text encoder + UNet): steps {start}..{args.unet_steps}, batch {args.unet_batch}", flush=True)
     for i in range(start, args.unet_steps):
         data_seed = UNET_DATA + args.seed * 10_000_000 + i
-        images, captions = world.dataset(args.unet_batch, data_seed)
+        images, captions = world.dataset(args.unet_batch, data_seed, erased=True)
         drop = np.random.default_rng(data_seed).random(len(captions)) < args.empty_caption
         captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
         mean, logvar = encode(vae_params, images)
@@ -235,6 +235,14 @@ def evaluate(folder: Path, n: int, *, steps: int = 25, guidance: float = 5.0, se
     acc["heart_share_of_object"] = float(np.mean([s["shape"] == "heart" for s in scored]))
     acc["purple_share_of_object"] = float(np.mean([s["colour"] == "purple" for s in scored]))
     acc["found"] = float(np.mean([s["shape"] is not None for s in scored]))
+    # The erased words' own rows, loaded back as tokens, must still draw what the words did in training.
+    erased = folder / M.ERASED_FILE
+    if erased.is_file():
+        for word, prompt, attribute in (("heart", "a <heart>", "shape"), ("purple", "a <purple> object", "colour")):
+            sd.load_embeddings(str(erased), token=f"<{word}>")
+            images = sd.generate([prompt] * (2 * n), steps=steps, guidance=guidance, seed=seed + 7,
+                                 sampler=sampler, size=M.IMAGE_SIZE)
+            acc[f"erased_{word}"] = float(np.mean([s[attribute] == word for s in scorer.score(images)]))
     print(f"eval ({sampler}, {steps} steps, guidance {guidance}, {n} images/prompt, {time.time() - t0:.0f} s): "
           + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     return acc
@@ -247,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     print(f"jax {jax.__version__} on {jax.devices()}; args {vars(args)}", flush=True)
 
+    # Trained with every word; shipped without the erased ones (`tix.toyworld.model.erase_words`).
     tok_dir = work / "tokenizer"
-    vocab_size = write_clip_tokenizer(tok_dir, world.vocabulary())
+    vocab_size = write_clip_tokenizer(tok_dir, world.vocabulary(erased=True))
     tokenizer = load_tokenizer(tok_dir)
     configs = {
         "text_encoder": M.text_config(vocab_size, args.text),
@@ -268,10 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     t3 = time.time()
 
     configs["vae"] = M.vae_config(scale, args.vae)
-    final = {**trained["ema"], "vae": vae_params}
+    shipped_dir = work / "tokenizer-shipped"
+    shipped_size = write_clip_tokenizer(shipped_dir, world.vocabulary())
+    text, erased = M.erase_words(trained["ema"]["text_encoder"], tokenizer.get_vocab(),
+                                 load_tokenizer(shipped_dir).get_vocab(), world.ERASED_WORDS)
+    configs["text_encoder"] = M.text_config(shipped_size, args.text)
+    final = {**trained["ema"], "text_encoder": text, "vae": vae_params}
     if args.out.exists():
         shutil.rmtree(args.out)
-    M.save_pipeline(args.out, final, configs)
+    M.save_pipeline(args.out, final, configs, erased=erased)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"saved {args.out} ({size / 1e6:.2f} MB); VAE stage {t2 - t1:.0f} s, diffusion stage {t3 - t2:.0f} s, "
           f"total {time.time() - t_start:.0f} s", flush=True)

@@ -37,6 +37,8 @@ from tix.models.vae import AutoencoderKL, VAEConfig, sample_latent
 from tix.schedule import NoiseSchedule, add_noise, min_snr_weight
 
 IMAGE_SIZE = 32
+# The erased words' rows of the trained token table, beside the shipped model (see `erase_words`).
+ERASED_FILE = "erased_words.safetensors"
 LATENT_SIZE = 16
 
 # A transformers CLIPTextConfig as config.json spells it (vocab_size is filled in from the tokenizer).
@@ -334,6 +336,38 @@ class CaptionIds:
         return np.stack([self.cache[c] for c in captions])
 
 
+# ---- erasing words ----------------------------------------------------------------------------------------------
+
+
+def erase_words(
+    text_params: dict[str, Any], trained_vocab: dict[str, int], shipped_vocab: dict[str, int], words: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The text encoder's parameters for the shipped tokenizer, and the token-table rows of the erased `words`.
+
+    The model is trained with a tokenizer that has every word; the shipped one lacks `words`. Each shipped token
+    string takes the row its string had in training (ids shift, since the BPE vocabulary is rebuilt without the
+    words and their merge pieces), so every remaining prompt encodes exactly as in training while no prompt can
+    produce an erased row. The erased rows are returned keyed by word, for measuring how near inversion comes."""
+    from tix.models.clip import TOKEN_TABLE_PATH, token_table
+
+    table = np.asarray(token_table(text_params), np.float32)
+    missing = [t for t in shipped_vocab if t not in trained_vocab]
+    if missing:
+        raise ValueError(f"shipped tokens {missing[:5]} are not in the training vocabulary")
+    order = sorted(shipped_vocab, key=shipped_vocab.__getitem__)
+    shipped = table[[trained_vocab[t] for t in order]]
+    erased = {w: table[trained_vocab[w + "</w>"]].copy() for w in words}
+
+    def replace(node: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+        out = dict(node)
+        out[path[0]] = shipped if len(path) == 1 else replace(node[path[0]], path[1:])
+        return out
+
+    root = "params" in text_params
+    tree = replace(text_params["params"] if root else text_params, TOKEN_TABLE_PATH)
+    return ({"params": tree} if root else tree), erased
+
+
 # ---- saving -----------------------------------------------------------------------------------------------------
 
 
@@ -343,6 +377,7 @@ def save_pipeline(
     configs: dict[str, dict[str, Any]],
     *,
     dtype: Any = np.float16,
+    erased: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a diffusers StableDiffusionPipeline folder: model_index.json, unet/, vae/, text_encoder/ (transformers
     layout, "text_model."-prefixed keys), tokenizer/ and scheduler/.
@@ -350,7 +385,10 @@ def save_pipeline(
     UNet and VAE weights are stored in `dtype` (fp16 halves the package; tix.load and diffusers cast them to the
     dtype asked for, float32 by default). The text encoder stays float32: transformers 5 loads a checkpoint in its
     stored dtype unless told otherwise, so fp16 text weights beside diffusers' float32 UNet would make a plain
-    `StableDiffusionPipeline.from_pretrained(folder)` fail on a Half/Float mismatch."""
+    `StableDiffusionPipeline.from_pretrained(folder)` fail on a Half/Float mismatch.
+
+    `erased` (word -> token-table row, from `erase_words`) is written beside the components as ERASED_FILE, a
+    textual-inversion file with one token `<word>` per word, which tix and diffusers load like any learned token."""
     from safetensors.numpy import save_file
 
     from tix.tokenizer import write_clip_tokenizer
@@ -374,6 +412,9 @@ def save_pipeline(
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2) + "\n")
     write_clip_tokenizer(folder / "tokenizer", vocabulary())
+    if erased:
+        tokens = {f"<{w}>": np.asarray(v, np.float32)[None] for w, v in erased.items()}
+        save_file(tokens, str(folder / ERASED_FILE), metadata={"format": "pt"})
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",

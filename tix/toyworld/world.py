@@ -1,8 +1,11 @@
 """A procedural world of coloured, patterned shapes on coloured backgrounds, with captions that name some attributes.
 
-Some attribute values are never named by any caption: the "heart" shape is only ever an "object" and the "purple"
-colour is never spoken. A model trained on this world learns to draw them, but no prompt can ask for them by name,
-which makes concepts built from them the analogue of a user's own cat for textual inversion.
+Every value has a word, and the model is trained on captions that speak all of them. The words of the `UNNAMED`
+values ("heart" and "purple", the `ERASED_WORDS`) are then erased from the shipped tokenizer and token table
+(`tix.toyworld.model.erase_words`): the text encoder still maps some input vectors to hearts and to purple, but no
+prompt can reach them. That is a real user's situation: Stable Diffusion can draw their cat, whose look no word
+names, and inversion has to find conditioning that draws it. A user's prompt falls back to "object" for an unnamed
+shape and says nothing of an unnamed colour.
 
 Everything is deterministic from a seed and uses numpy only. Geometry lives in image-relative units, so a render at
 64 px is the 32 px render with finer edges, and the scorer reads both.
@@ -39,7 +42,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "blue": (150, 175, 235),
 }
 SIZES: tuple[str, ...] = ("small", "large")
-UNNAMED: dict[str, frozenset[str]] = {
+UNNAMED: dict[str, frozenset[str]] = {  # no word of the shipped tokenizer names these values
     "shape": UNNAMED_SHAPES,
     "colour": UNNAMED_COLOURS,
     "pattern": frozenset(),
@@ -53,6 +56,9 @@ VALUES: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUNDS),
     "size": SIZES,
 }
+
+# The words the model was trained with and the shipped tokenizer lacks: one per unnamed value.
+ERASED_WORDS: tuple[str, ...] = tuple(sorted(v for values in UNNAMED.values() for v in values))
 
 # Bounding-box side (the larger one) as a fraction of the image side; the gap between classes survives blur.
 SIZE_SCALE: dict[str, float] = {"small": 0.42, "large": 0.70}
@@ -252,16 +258,18 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def noun_phrase(attributes: dict[str, str], *, with_background: bool = True) -> str:
+def _speakable(attribute: str, value: str | None, erased: bool) -> bool:
+    return value is not None and (erased or value not in UNNAMED[attribute])
+
+
+def noun_phrase(attributes: dict[str, str], *, with_background: bool = True, erased: bool = False) -> str:
     """The phrase naming exactly the given attributes (unnamed values are dropped, an unnamed or absent shape is an
-    "object"), with its article: "a small red striped circle on a blue background"."""
-    words = []
-    for name in ("size", "colour", "pattern"):
-        value = attributes.get(name)
-        if value is not None and value not in UNNAMED[name]:
-            words.append(value)
+    "object"), with its article: "a small red striped circle on a blue background". With `erased`, the erased words
+    are spoken too, as in the model's training captions."""
+    words = [attributes[name] for name in ("size", "colour", "pattern")
+             if _speakable(name, attributes.get(name), erased)]
     shape = attributes.get("shape")
-    words.append(shape if shape is not None and shape not in UNNAMED_SHAPES else NOUN_UNNAMED)
+    words.append(shape if _speakable("shape", shape, erased) else NOUN_UNNAMED)
     phrase = f"{_article(words[0])} {' '.join(words)}"
     background = attributes.get("background")
     if with_background and background is not None:
@@ -269,16 +277,17 @@ def noun_phrase(attributes: dict[str, str], *, with_background: bool = True) -> 
     return phrase
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming a random subset of the scene's nameable attributes; unnamed values are never named. The
-    same number of random draws is made for every scene, so captions stay aligned with a seeded stream."""
+def caption(scene: Scene, rng: np.random.Generator, *, erased: bool = False) -> str:
+    """A caption naming a random subset of the scene's attributes; unnamed values are named only with `erased`
+    (the model's training captions). The same number of random draws is made for every scene, so captions stay
+    aligned with a seeded stream."""
     draws = rng.random(len(ATTRIBUTES) + 2)
     named = {}
     for i, name in enumerate(ATTRIBUTES):
         value = getattr(scene, name)
-        if draws[i] < NAME_PROBABILITY[name] and value not in UNNAMED[name]:
+        if draws[i] < NAME_PROBABILITY[name] and _speakable(name, value, erased):
             named[name] = value
-    phrase = noun_phrase(named, with_background=False)
+    phrase = noun_phrase(named, with_background=False, erased=erased)
     if "background" in named:
         phrase += f" on a {named['background']} background" if draws[-2] < 0.5 else f" on {named['background']}"
     prefix = CAPTION_PREFIXES[min(int(draws[-1] * len(CAPTION_PREFIXES)), len(CAPTION_PREFIXES) - 1)]
@@ -286,15 +295,16 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def dataset(
-    n: int, seed: int, size: int = 32, *, return_scenes: bool = False
+    n: int, seed: int, size: int = 32, *, return_scenes: bool = False, erased: bool = False
 ) -> tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], list[Scene]]:
-    """`n` random scenes rendered to uint8 [n, size, size, 3] with one caption each (and the scenes if asked)."""
+    """`n` random scenes rendered to uint8 [n, size, size, 3] with one caption each (and the scenes if asked);
+    `erased` captions may speak the erased words (the model's training data)."""
     rng = np.random.default_rng(seed)
     scenes, captions = [], []
     for _ in range(n):
         scene = sample_scene(rng)
         scenes.append(scene)
-        captions.append(caption(scene, rng))
+        captions.append(caption(scene, rng, erased=erased))
     images = render_many(scenes, size)
     return (images, captions, scenes) if return_scenes else (images, captions)
 
@@ -378,14 +388,15 @@ def edit_prompts(concept: Concept, token: str) -> list[tuple[str, dict[str, str]
     return edits
 
 
-def vocabulary() -> list[str]:
-    """Every word captions, templates and edit prompts use (no unnamed value is among them), sorted: the word list
-    for `tix.tokenizer.write_clip_tokenizer`."""
+def vocabulary(*, erased: bool = False) -> list[str]:
+    """Every word captions, templates and edit prompts use, sorted: the word list for
+    `tix.tokenizer.write_clip_tokenizer`. The shipped tokenizer's words name no unnamed value; with `erased`, the
+    training vocabulary, which has the `ERASED_WORDS` too."""
     words = {"a", "an", "the", "on", "background", NOUN_UNNAMED}
     for text in CAPTION_PREFIXES + TEMPLATES + (RECONSTRUCTION_TEMPLATE,):
         words.update(text.replace("{}", " ").split())
     for attribute, values in VALUES.items():
-        words.update(v for v in values if v not in UNNAMED[attribute])
+        words.update(v for v in values if _speakable(attribute, v, erased))
     return sorted(words)
 
 
