@@ -5,15 +5,22 @@ measures it (reconstruction against editability, Gal et al. 2022 Fig. 10), with 
 
 Inverts the toy world's benchmark concepts (5 images each; some made of a shape or colour no word names) in batched
 `tix invert` runs, then samples every method's phrase for every concept with the same prompts and seeds and scores
-the images (`tix.toyworld.evaluate`). Methods:
+the images (`tix.toyworld.evaluate`). Methods, the variants of the paper's Fig. 10:
 
-- tix-1v, tix-3v: one and three learned vectors (one run, both variants side by side);
-- tix-1v-high-lr, tix-1v-low-lr: one vector at 4x and 0.2x the learning rate (one run each);
-- caption: the most precise description the world's words allow (the paper's human-caption baseline);
+- tix-1v, tix-2v, tix-3v: one, two and three learned vectors (one run, side by side);
+- tix-3v-progressive: three vectors, starting from one and adding one every third of the steps;
+- tix-per-image: a shared token trained beside one token per training image, sampled as the shared token;
+- tix-1v-regularised: one vector pulled toward its initial embedding (`init_reg`);
+- tix-1v-high-lr, tix-1v-low-lr: one vector at 4x and 0.2x the learning rate;
+- caption-long: the most precise description the world's words allow; caption-short: its shape and colour words
+  only (the paper's long and short human captions);
 - init-word: the initializer word alone (the concept's shape name, or "object");
 - random: a random vector drawn from the vocabulary's embedding statistics;
 - with --torch, tix-1v exported to diffusers' format, loaded with `load_textual_inversion` into PyTorch diffusers'
   StableDiffusionPipeline, and scored the same way.
+
+For concepts with an unnamed value it also reports the cosine between the learned vector (tix-1v) and the erased
+word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
 Writes results.json, table.md and scatter.png (reconstruction vs editability, named and unnamed concepts apart) to
 --out and prints the table.
@@ -37,13 +44,29 @@ sys.path.insert(0, str(ROOT))
 import tix  # noqa: E402
 from tix.toyworld import evaluate, world  # noqa: E402
 
-# name -> (vectors, lr factor, run): variants that share a run are trained together in one batched step.
+# name -> (vectors, run): variants that share a run are trained together in one batched step.
 TIX_METHODS = {
-    "tix-1v": (1, 1.0, "base"),
-    "tix-3v": (3, 1.0, "base"),
-    "tix-1v-high-lr": (1, 4.0, "high-lr"),
-    "tix-1v-low-lr": (1, 0.2, "low-lr"),
+    "tix-1v": (1, "base"),
+    "tix-2v": (2, "base"),
+    "tix-3v": (3, "base"),
+    "tix-3v-progressive": (3, "progressive"),
+    "tix-per-image": (1, "per-image"),
+    "tix-1v-regularised": (1, "regularised"),
+    "tix-1v-high-lr": (1, "high-lr"),
+    "tix-1v-low-lr": (1, "low-lr"),
 }
+
+
+def run_settings(run: str, args: argparse.Namespace) -> dict:
+    """The config fields a run sets beyond the shared ones (`configs/toyworld.yaml` and the benchmark's flags)."""
+    return {
+        "base": {},
+        "progressive": {"progressive_every": max(args.steps // 3, 1)},
+        "per-image": {"per_image_tokens": True},
+        "regularised": {"init_reg": args.init_reg},
+        "high-lr": {"lr": args.lr * 4.0},
+        "low-lr": {"lr": args.lr * 0.2},
+    }[run]
 SAMPLING = dict(steps=25, guidance=7.5, sampler="dpm++2m")
 
 
@@ -67,15 +90,14 @@ def invert(model: str, concepts: list[world.Concept], out: Path, args: argparse.
     from train.invert import run
 
     learned, seconds = {}, {}
-    for run_name in dict.fromkeys(r for _, _, r in TIX_METHODS.values()):
-        methods = [m for m, (_, _, r) in TIX_METHODS.items() if r == run_name]
+    for run_name in dict.fromkeys(r for _, r in TIX_METHODS.values()):
+        methods = [m for m, (_, r) in TIX_METHODS.items() if r == run_name]
         data = out / "data" / run_name
         write_concepts(data, concepts, methods, args.images, args.seed)
-        lr = args.lr * TIX_METHODS[methods[0]][1]
         cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
             "model": model, "concepts": str(data), "out": str(out / "runs" / run_name), "steps": args.steps,
-            "batch_size": args.batch, "lr": lr, "validate_every": 0, "save_every": args.steps, "overwrite": True,
-            "seed": args.seed,
+            "batch_size": args.batch, "lr": args.lr, "validate_every": 0, "save_every": args.steps,
+            "overwrite": True, "seed": args.seed, **run_settings(run_name, args),
         })
         t0 = time.perf_counter()
         result = run(cfg, progress=False)
@@ -97,7 +119,9 @@ def phrases(sd, concepts: list[world.Concept], learned: dict, seed: int) -> dict
             vectors = learned[concept.name, method]
             sd.add_tokens(token, [vectors[side.name] for side in sd.text])
             out[concept.name, method] = token
-        out[concept.name, "caption"] = concept.best_caption()
+        out[concept.name, "caption-long"] = concept.best_caption()
+        out[concept.name, "caption-short"] = world.noun_phrase(
+            {k: v for k, v in concept.fixed.items() if k in ("shape", "colour")})
         out[concept.name, "init-word"] = concept.initializer
         token = f"<{concept.name}@random>"
         sd.add_tokens(token, evaluate.random_vectors(sd, seed + c))
@@ -128,6 +152,31 @@ def torch_generate(model_dir: Path, embeddings: Path, concepts: list[world.Conce
         return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
 
     return generate
+
+
+def erased_cosines(model_dir: Path, concepts: list[world.Concept], learned: dict,
+                   sd) -> dict[str, dict[str, float]]:
+    """For each concept with unnamed values: the cosine between its erased word's row and the tix-1v vector, and
+    between that row and the initializer word's row (where inversion started)."""
+    from safetensors.numpy import load_file
+
+    from tix.models.clip import token_table
+    from tix.toyworld.model import ERASED_FILE
+
+    rows = {k.strip("<>"): np.asarray(v, np.float32).reshape(-1) for k, v in load_file(model_dir / ERASED_FILE).items()}
+    table = np.asarray(token_table(sd.params[sd.text[0].name]), np.float32)
+
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    out = {}
+    for concept in concepts:
+        for attribute in concept.unnamed:
+            word = concept.fixed[attribute]
+            vector = np.asarray(learned[concept.name, "tix-1v"][sd.text[0].name], np.float32).reshape(-1)
+            init = table[sd.tokenize([concept.initializer])[0][0, 1]]
+            out[f"{concept.name}|{word}"] = {"learned": cos(vector, rows[word]), "init": cos(init, rows[word])}
+    return out
 
 
 def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
@@ -196,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4, help="images per concept per step")
     p.add_argument("--lr", type=float, default=5e-3, help="the base learning rate (scaled by the batch size)")
     p.add_argument("--samples", type=int, default=16, help="reconstruction and edit samples per concept and method")
+    p.add_argument("--init-reg", type=float, default=0.01, help="init_reg of the regularised run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch", action="store_true", help="also score tix-1v exported and loaded in PyTorch diffusers")
     args = p.parse_args(argv)
@@ -206,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sd = tix.load(args.model)
     said = phrases(sd, concepts, learned, args.seed)
-    methods = list(TIX_METHODS) + ["caption", "init-word", "random"]
+    methods = list(TIX_METHODS) + ["caption-long", "caption-short", "init-word", "random"]
 
     def generate(prompts: list[str], seed: int) -> np.ndarray:
         return sd.generate(prompts, seed=seed, **SAMPLING)
@@ -221,9 +271,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{m} {scores[concept.name, m].reconstruction:.2f}/{scores[concept.name, m].editability:.2f}"
             for m in methods), flush=True)
     sampling_s = time.perf_counter() - t1
-    if args.torch:
-        from tix.loading import resolve
+    from tix.loading import resolve
 
+    cosines = erased_cosines(resolve(args.model), concepts, learned, sd)
+    if args.torch:
         torch_gen = torch_generate(resolve(args.model), args.out / "runs" / "base" / "embeddings", concepts)
         for concept in concepts:
             scores[concept.name, "tix-1v (diffusers)"] = evaluate.score_phrase(
@@ -238,11 +289,14 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "concepts": {c.name: {"fixed": c.fixed, "unnamed": list(c.unnamed)} for c in concepts},
         "per_concept": {f"{n}|{m}": vars(s) for (n, m), s in scores.items()},
+        "erased_cosine": cosines,
         "summary": {m: {g: vars(s) for g, s in groups.items()} for m, groups in summary.items()},
         "seconds": {**{f"invert {k}": v for k, v in seconds.items()}, "sampling": sampling_s,
                     "total": time.perf_counter() - t0},
     }, indent=1))
     print(md)
+    for key, c in cosines.items():
+        print(f"cosine to the erased row {key}: learned {c['learned']:.3f}, init word {c['init']:.3f}")
     print(f"\nwrote {args.out}/table.md, scatter.png, results.json; total {time.perf_counter() - t0:.0f} s")
 
 

@@ -170,6 +170,29 @@ def test_vocabulary_covers_every_word_and_no_unnamed_value():
     assert not vocab & set().union(*world.UNNAMED.values())
 
 
+def test_training_captions_speak_the_erased_words_which_the_shipped_vocabulary_lacks():
+    # The model learns a word for every value; the erased ones are then cut from the shipped tokenizer.
+    assert world.ERASED_WORDS == ("heart", "purple")
+    _, captions, scenes = world.dataset(3000, 13, 8, return_scenes=True, erased=True)
+    spoken = Counter()
+    for text, scene in zip(captions, scenes, strict=True):
+        words = set(text.split())
+        for attribute, value in (("shape", "heart"), ("colour", "purple")):
+            if value in words:
+                assert getattr(scene, attribute) == value, (text, scene)
+                spoken[value] += 1
+    # Named about as often as any nameable value (shape 0.75 x 1/5, colour 0.6 x 1/5 of captions).
+    assert 0.1 * len(captions) < spoken["heart"] < 0.2 * len(captions), spoken
+    assert 0.07 * len(captions) < spoken["purple"] < 0.17 * len(captions), spoken
+    # Erasing changes words only: the same seed gives the same scenes and, without unnamed values, the same captions.
+    _, plain, plain_scenes = world.dataset(3000, 13, 8, return_scenes=True)
+    assert plain_scenes == scenes
+    for a, b, scene in zip(plain, captions, scenes, strict=True):
+        if scene.shape != "heart" and scene.colour != "purple":
+            assert a == b
+    assert set(world.vocabulary(erased=True)) - set(world.vocabulary()) == set(world.ERASED_WORDS)
+
+
 def test_vocabulary_tokenizes_to_whole_words(tmp_path):
     from tix.tokenizer import load_tokenizer, write_clip_tokenizer
 
