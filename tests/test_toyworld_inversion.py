@@ -1,7 +1,7 @@
-"""Inversion works, not only runs: on the bundled toy-world model a short `tix invert` of a red striped square learns
-a token whose samples show the concept (shape, colour and pattern all read back by the toy world's scorer) far more
-often than a random vector's or the initializer word's ("square"). Concepts no word names are measured by
-benchmarks/toyworld.py: there the unnamed heart shape is drawn only part of the time, too noisy for a short test."""
+"""Inversion works, not only runs: on the bundled toy-world model a short `tix invert` with the README preset (one
+vector, the paper's method) of a yellow dotted heart, whose shape no word of the shipped tokenizer names, learns a
+token whose samples show the concept (shape, colour and pattern all read back by the toy world's scorer) far more
+often than the initializer word's ("object") or a random vector's. The full comparison is benchmarks/toyworld.py."""
 
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ STEPS = 150
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """One inversion of the red striped square with the README preset, shortened; the model with its token and a
+    """One inversion of the yellow dotted heart with the README preset, shortened; the model with its token and a
     random vector's token added."""
     tmp = tmp_path_factory.mktemp("toyworld-inversion")
-    concept = next(c for c in world.benchmark_concepts() if c.name == "red_striped_square")
+    concept = next(c for c in world.benchmark_concepts() if c.name == "yellow_dotted_heart")
     folder = tmp / "images"
     folder.mkdir()
     for i, image in enumerate(world.concept_images(concept, 5, seed=0)):
         Image.fromarray(image).save(folder / f"{i}.png")
     cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
-        "images": str(folder), "token": "<my-square>", "out": str(tmp / "run"), "steps": STEPS, "batch_size": 4,
+        "images": str(folder), "token": "<my-heart>", "out": str(tmp / "run"), "steps": STEPS, "batch_size": 4,
         "validate_every": 0, "save_every": STEPS, "seed": 0,
     })
     sd = tix.load("toyworld")
@@ -48,14 +48,15 @@ def _score(sd, concept, phrase: str) -> evaluate.Score:
     return evaluate.score_phrase(generate, concept, phrase, samples=SAMPLES, seed=0)
 
 
-def test_learned_token_draws_the_concept_far_more_often_than_a_random_vector_or_the_init_word(learned):
+def test_one_learned_vector_draws_an_unnamed_concept_which_the_init_word_and_a_random_vector_do_not(learned):
     concept, sd = learned
-    token = _score(sd, concept, "<my-square>")
+    assert concept.unnamed == ("shape",)
+    token = _score(sd, concept, "<my-heart>")
     random = _score(sd, concept, "<random>")
     init_word = _score(sd, concept, concept.initializer)
     print(f"learned {token}\nrandom {random}\ninit word {init_word}")
-    assert token.reconstruction >= random.reconstruction + 0.4, (token, random)
-    assert token.reconstruction > init_word.reconstruction, (token, init_word)
+    assert token.reconstruction >= 0.6, token
+    assert init_word.reconstruction <= 0.2 and random.reconstruction <= 0.2, (init_word, random)
 
 
 def test_evaluation_credits_images_that_show_what_each_prompt_asks_and_only_those():

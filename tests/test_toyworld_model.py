@@ -84,3 +84,25 @@ def test_diffusers_loads_same_weights_and_generates(sd):
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 32, 32, 3)
     assert np.isfinite(out.images).all() and out.images.std() > 0.02
+
+
+def test_erased_words_reach_no_prompt_but_their_rows_still_draw(sd):
+    # The shipped tokenizer spells "heart" and "purple" in pieces (no whole-word token), no row of the shipped
+    # token table is an erased row, and the erased rows, loaded back as tokens, draw what the words drew in training.
+    from tix.models.clip import token_table
+    from tix.toyworld import world
+    from tix.toyworld.model import ERASED_FILE
+
+    for word in world.ERASED_WORDS:
+        ids = sd.tokenize([word])[0][0]
+        assert (ids != ids[-1]).sum() > 3, f"{word!r} is one token of the shipped tokenizer"
+    erased = read_safetensors(model_dir() / ERASED_FILE)
+    assert sorted(erased) == [f"<{w}>" for w in world.ERASED_WORDS]
+    table = np.asarray(token_table(sd.params[sd.text[0].name]), np.float32)
+    for row in erased.values():
+        assert np.abs(table - np.asarray(row, np.float32).reshape(1, -1)).max(axis=1).min() > 1e-3
+    sd.load_embeddings(str(model_dir() / ERASED_FILE), token="<heart>")
+    images = np.concatenate([sd.generate(["a <heart>"] * 2, steps=STEPS, guidance=GUIDANCE, seed=seed)
+                             for seed in range(4)])
+    hearts = sum(s["shape"] == "heart" for s in scorer.score(images))
+    assert hearts >= 6, hearts
