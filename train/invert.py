@@ -431,9 +431,9 @@ def _warn_unreached_vectors(cfg: TrainConfig, prepared: list[_Prepared]) -> None
         return
     late = [p.concept.token for p in prepared if (p.concept.vectors - 1) * cfg.progressive_every >= cfg.steps]
     if late and jax.process_index() == 0:
-        log.warning("progressive_every=%d: %s never use(s) all their vectors in %d steps (the last switches on "
-                    "at step (vectors - 1) x %d); those vectors are exported at their initial value",
-                    cfg.progressive_every, ", ".join(late), cfg.steps, cfg.progressive_every)
+        log.warning("progressive_every=%d: in %d steps %s do not switch on all their vectors (vector j switches on "
+                    "at step j x %d); the ones never on are exported at their initial value",
+                    cfg.progressive_every, cfg.steps, ", ".join(late), cfg.progressive_every)
 
 
 def _describe(lowered, compiled, images_per_step: int, seconds: float, is_main: bool) -> None:

@@ -32,8 +32,9 @@ class Tables(NamedTuple):
     per_image: jax.Array  # [K] bool: prompt i belongs to image i
     seeds: jax.Array  # [K] uint32: each concept's own random stream
     weight: jax.Array  # [K] float32: 0 for padding concepts
-    n_vectors: jax.Array  # [K] int32: the concept's own vectors (rows 0..n-1); rows after them are per-image tokens
-    init_vectors: tuple[jax.Array, ...]  # per text encoder [K, n, D]: the rows' starting values (the init_reg anchor)
+    # Needed by the variants only (progressive_every, init_reg); `train.invert` always fills them.
+    n_vectors: jax.Array | None = None  # [K] int32: the concept's own vectors (rows 0..n-1), then per-image tokens
+    init_vectors: tuple[jax.Array, ...] | None = None  # per text encoder [K, n, D]: the rows' starting values
 
 
 class TrainState(NamedTuple):
@@ -176,11 +177,9 @@ def drop_inactive(ids: jax.Array, vocab: int, n_rows: int, n_vectors: jax.Array,
     return jnp.where(jnp.arange(ids.shape[-1]) < n_kept, kept, ids[:, -1:])
 
 
-def init_regulariser(
-    vectors: tuple[jax.Array, ...], init: tuple[jax.Array, ...], n_vectors: jax.Array, active: jax.Array
-) -> jax.Array:
-    """[K] mean over each concept's vectors in use of ||v - v0||^2, the squared distance of the vector (its rows in
-    every text encoder together) from its initial value.
+def init_regulariser(vectors: tuple[jax.Array, ...], init: tuple[jax.Array, ...], active: jax.Array) -> jax.Array:
+    """[K] mean over each concept's vectors in use (rows 0..active-1) of ||v - v0||^2, the squared distance of the
+    vector (its rows in every text encoder together) from its initial value.
 
     Squared L2 because it is the paper's regulariser (its code's `embedding_to_coarse_loss`: (v - v0)(v - v0)^T for
     one vector), a Gaussian prior around the initializer word whose pull grows with the distance; the mean over
@@ -188,7 +187,7 @@ def init_regulariser(
     the mean of the n x n Gram matrix instead, which only matches for one vector). Per-image tokens and vectors not
     yet switched on are left out: the former are a training device, the latter sit at v0."""
     rows = vectors[0].shape[1]
-    used = (jnp.arange(rows) < active[:, None]).astype(jnp.float32)  # active <= n_vectors
+    used = (jnp.arange(rows) < active[:, None]).astype(jnp.float32)
     sq = sum(jnp.sum(jnp.square(v.astype(jnp.float32) - v0.astype(jnp.float32)), axis=-1)
              for v, v0 in zip(vectors, init, strict=True))
     return jnp.sum(sq * used, axis=1) / jnp.maximum(jnp.sum(used, axis=1), 1.0)
@@ -226,7 +225,7 @@ def loss_fn(
     num_k = tables.n_images.shape[0]
     latents, noise, t, ids = _draw_on_devices(tables, cfg, sd.schedule.num_train_timesteps, key_step, layout)
     active = tables.n_vectors if active is None else active
-    if cfg.progressive_every:
+    if cfg.progressive_every:  # a separate pass over the drawn ids: the diffusion loss below is the plain one
         per_row = (jnp.repeat(tables.n_vectors, cfg.batch_size), jnp.repeat(active, cfg.batch_size))
         n_rows = vectors[0].shape[1]
         ids = tuple(drop_inactive(i, side.vocab_size, n_rows, *per_row) for i, side in zip(ids, sd.text, strict=True))
@@ -245,8 +244,7 @@ def loss_fn(
         per_sample = per_sample * sched.min_snr_weight(sd.schedule, t, cfg.min_snr_gamma)
     per_concept = per_sample.reshape(num_k, cfg.batch_size).mean(axis=1)
     if cfg.init_reg:
-        per_concept = per_concept + cfg.init_reg * init_regulariser(vectors, tables.init_vectors, tables.n_vectors,
-                                                                    active)
+        per_concept = per_concept + cfg.init_reg * init_regulariser(vectors, tables.init_vectors, active)
     return jnp.sum(per_concept * tables.weight), per_concept
 
 
@@ -261,7 +259,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `grad_accum` micro-batches; gradients reach only `state.vectors`."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    active = active_vectors(state.step, tables.n_vectors, cfg.progressive_every)
+    active = active_vectors(state.step, tables.n_vectors, cfg.progressive_every) if cfg.progressive_every else None
 
     def micro(carry, i):
         key_step = state.step * cfg.grad_accum + i
