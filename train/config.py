@@ -55,6 +55,11 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = None  # per concept
     min_snr_gamma: float | None = None
+    # the paper's variants (its Fig. 10), all off by default
+    init_reg: float = 0.0  # >0: loss += init_reg x mean over a concept's vectors of ||v - v0||^2 (v0: initial value)
+    progressive_every: int = 0  # >0: start with one vector, switch on one more every N steps up to `vectors`
+    per_image_tokens: bool = False  # also learn one token per image, in some prompts "... {} with <token>_image<i>"
+    per_image_mix: float = 0.25  # share of prompts that name the image's own token (the paper's code: 0.25)
     # data
     resolution: int | None = None  # default: the model's native size
     center_crop: bool = True  # False: `random_crops` random crops per image, encoded once
@@ -95,6 +100,13 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr} must be positive")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
+        if self.init_reg < 0:
+            raise ConfigError(f"init_reg={self.init_reg} must be >= 0 (0 turns the pull toward the init word off)")
+        if self.progressive_every < 0:
+            raise ConfigError(f"progressive_every={self.progressive_every}: use a number of steps, or 0 for off")
+        if not 0.0 < self.per_image_mix <= 1.0:
+            raise ConfigError(f"per_image_mix={self.per_image_mix} must be in (0, 1]: the share of prompts that name "
+                              "the image's own token (with --set per_image_tokens=true)")
         if not 0.0 <= self.flip_p <= 1.0:
             raise ConfigError(f"flip_p={self.flip_p} must be in [0, 1]")
         if self.resolution is not None and self.resolution < 8:

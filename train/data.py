@@ -84,6 +84,26 @@ def resolve_concept(spec: ConceptSpec, cfg: TrainConfig) -> Concept:
     return Concept(spec.token, files, init, vectors, style, prompts, per_image)
 
 
+def image_tokens(token: str, n_images: int) -> list[str]:
+    """The per-image tokens of a concept (the paper's per-image baseline): one placeholder per image file."""
+    return [f"{token}_image{i}" for i in range(n_images)]
+
+
+def training_prompts(prompts: tuple[str, ...], token: str, image_tokens: list[str] | None = None,
+                     per_image: bool = False) -> list[str]:
+    """The rows of a concept's prompt table: each template with the token, then, with per-image tokens, the same
+    prompts naming the image's own token too, "<prompt> with <token>_image<i>" (the paper's code's dual templates,
+    "a photo of a {} with {}"): one per caption (per-image captions, caption i with token i) or one per
+    (template, image) pair, template-major. `train.step.image_token_row` indexes this layout.
+    `image_tokens`: one per usable image, in the order of the image table."""
+    plain = [t.format(token) for t in prompts]
+    if not image_tokens:
+        return plain
+    if per_image:
+        return plain + [f"{p} with {s}" for p, s in zip(plain, image_tokens, strict=True)]
+    return plain + [f"{p} with {s}" for p in plain for s in image_tokens]
+
+
 def _caption_template(path: fs.Path, token: str) -> str:
     text = fs.read_text(path).strip()
     if token not in text and "{}" not in text:

@@ -181,6 +181,12 @@ def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
         else:
             init = init_vectors(sd, concept.init, concept.vectors)
         sd.add_tokens(concept.token, init)
+        if cfg.per_image_tokens:
+            # Training devices only: registered after the token, so its rows and theirs are one block of ids; each
+            # starts from the token's first vector; never exported.
+            for name in data.image_tokens(concept.token, len(concept.images)):
+                sd.add_tokens(name, [v[:1] for v in init])
+            init = [np.concatenate([v, np.repeat(v[:1], len(concept.images), axis=0)]) for v in init]
         prepared.append(_Prepared(concept, init, _concept_seed(cfg.seed, concept.token)))
     return prepared
 
@@ -216,23 +222,39 @@ def _slot_tables(sd: StableDiffusion, cfg: TrainConfig, p: _Prepared | None, slo
     shape = (i_max, _views(cfg), latent, latent, sd.unet.config.in_channels)
     if p is None:
         ids = sd.tokenize([""])
+        init = tuple(np.zeros((n_max, side.width), np.float32) for side in sd.text)
         return dict(latent_mean=np.zeros(shape, np.float32), latent_std=np.ones(shape, np.float32), n_images=1,
                     n_crops=1, prompt_ids=tuple(np.repeat(i, p_max, axis=0) for i in ids), n_prompts=1,
-                    per_image=False, seed=0, weight=0.0, files=[])
+                    per_image=False, seed=0, weight=0.0, files=[], n_vectors=1, init_vectors=init)
     pixels, prompts, files = data.load_concept_pixels(p.concept, cfg, resolution)
     mean, std = _encode_latents(sd, pixels)
-    ids = sd.tokenize([t.format(p.concept.token) for t in prompts])
+    image_tokens = None
+    if cfg.per_image_tokens:  # the tokens of the images that loaded, in the order of the image table
+        names = data.image_tokens(p.concept.token, len(p.concept.images))
+        image_tokens = [names[p.concept.images.index(f)] for f in files]
+    ids = sd.tokenize(data.training_prompts(prompts, p.concept.token, image_tokens, p.concept.per_image_captions))
+    rows = p.init[0].shape[0]  # the token's vectors, then its per-image tokens: one block of ids
     prompt_ids = []
     for e, side in enumerate(sd.text):
         # Renumber placeholder ids so slot s, vector j reads row s * n_max + j of the step's vectors.
         side_ids = ids[e].copy()
         first = side.vocab_size + side.added.index(p.concept.token)
-        mask = (side_ids >= first) & (side_ids < first + p.concept.vectors)
+        mask = (side_ids >= first) & (side_ids < first + rows)
         side_ids[mask] = side.vocab_size + slot * n_max + (side_ids[mask] - first)
         prompt_ids.append(_pad_to(side_ids, p_max))
+    init = tuple(np.pad(v, ((0, n_max - rows), (0, 0))) for v in p.init)
     return dict(latent_mean=_pad_to(mean, i_max), latent_std=_pad_to(std, i_max), n_images=mean.shape[0],
-                n_crops=mean.shape[1] // 2, prompt_ids=tuple(prompt_ids), n_prompts=ids[0].shape[0],
-                per_image=p.concept.per_image_captions, seed=p.seed, weight=1.0, files=files)
+                n_crops=mean.shape[1] // 2, prompt_ids=tuple(prompt_ids), n_prompts=len(prompts),
+                per_image=p.concept.per_image_captions, seed=p.seed, weight=1.0, files=files,
+                n_vectors=p.concept.vectors, init_vectors=init)
+
+
+def _prompt_rows(p: _Prepared, cfg: TrainConfig) -> int:
+    """An upper bound of the concept's prompt-table rows (`data.training_prompts`; unreadable images lower it)."""
+    plain = len(p.concept.prompts)
+    if not cfg.per_image_tokens:
+        return plain
+    return 2 * plain if p.concept.per_image_captions else plain * (1 + len(p.concept.images))
 
 
 def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
@@ -243,7 +265,7 @@ def _tables(sd: StableDiffusion, cfg: TrainConfig, wave: list[_Prepared], slots:
             owned: range) -> tuple[Tables, list[Path]]:
     """The wave's tables for the slots in `owned` (this process's share), stacked; and the image files decoded."""
     i_max = max(len(p.concept.images) for p in wave)
-    p_max = max(len(p.concept.prompts) for p in wave)
+    p_max = max(_prompt_rows(p, cfg) for p in wave)
     parts = [_slot_tables(sd, cfg, wave[s] if s < len(wave) else None, s, n_max, resolution, i_max, p_max)
              for s in owned]
     tables = Tables(
@@ -256,6 +278,8 @@ def _tables(sd: StableDiffusion, cfg: TrainConfig, wave: list[_Prepared], slots:
         per_image=np.array([q["per_image"] for q in parts]),
         seeds=np.array([q["seed"] for q in parts], np.uint32),
         weight=np.array([q["weight"] for q in parts], np.float32),
+        n_vectors=np.array([q["n_vectors"] for q in parts], np.int32),
+        init_vectors=tuple(np.stack([q["init_vectors"][e] for q in parts]) for e in range(len(sd.text))),
     )
     return tables, [f for q in parts for f in q["files"]]
 
@@ -332,12 +356,14 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     wave_size = min(cfg.concepts_per_step, len(prepared))
     slots, sharded = plan_layout(wave_size, cfg.batch_size, mesh.devices.size)
     layout = Layout(mesh, sharded)
-    n_max = max(p.concept.vectors for p in prepared)
+    n_max = max(p.init[0].shape[0] for p in prepared)  # vectors, and per-image tokens if any
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum if cfg.scale_lr else 1)
     optimizer = make_optimizer(lr, cfg.steps, schedule=cfg.lr_schedule, warmup=cfg.warmup_steps,
                                weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                                max_grad_norm=cfg.max_grad_norm)
-    step_cfg = StepConfig(cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution)
+    step_cfg = StepConfig(cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution,
+                          cfg.init_reg, cfg.progressive_every, cfg.per_image_mix if cfg.per_image_tokens else 0.0)
+    _warn_unreached_vectors(cfg, prepared)
     repl = parallel.replicated(mesh)
     frozen_sharding = parallel.fsdp_shardings(sd.params, mesh)
     frozen = parallel.put(sd.params, frozen_sharding)
@@ -397,6 +423,17 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
         multihost_utils.sync_global_devices("tix: run exported")
     return Result(out, state, [p.concept.token for p in prepared], learned, cfg.steps, final_loss, compile_seconds,
                   float(np.mean(rates)) if rates else 0.0, files_read)
+
+
+def _warn_unreached_vectors(cfg: TrainConfig, prepared: list[_Prepared]) -> None:
+    """Progressive runs too short to switch every vector on export those vectors at their initial value."""
+    if not cfg.progressive_every:
+        return
+    late = [p.concept.token for p in prepared if (p.concept.vectors - 1) * cfg.progressive_every >= cfg.steps]
+    if late and jax.process_index() == 0:
+        log.warning("progressive_every=%d: in %d steps %s do not switch on all their vectors (vector j switches on "
+                    "at step j x %d); the ones never on are exported at their initial value",
+                    cfg.progressive_every, cfg.steps, ", ".join(late), cfg.progressive_every)
 
 
 def _describe(lowered, compiled, images_per_step: int, seconds: float, is_main: bool) -> None:

@@ -32,6 +32,9 @@ class Tables(NamedTuple):
     per_image: jax.Array  # [K] bool: prompt i belongs to image i
     seeds: jax.Array  # [K] uint32: each concept's own random stream
     weight: jax.Array  # [K] float32: 0 for padding concepts
+    # Needed by the variants only (progressive_every, init_reg); `train.invert` always fills them.
+    n_vectors: jax.Array | None = None  # [K] int32: the concept's own vectors (rows 0..n-1), then per-image tokens
+    init_vectors: tuple[jax.Array, ...] | None = None  # per text encoder [K, n, D]: the rows' starting values
 
 
 class TrainState(NamedTuple):
@@ -49,6 +52,9 @@ class StepConfig(NamedTuple):
     min_snr_gamma: float | None
     max_grad_norm: float | None
     resolution: int
+    init_reg: float = 0.0  # weight of the pull toward the initial vectors (`init_regulariser`)
+    progressive_every: int = 0  # >0: a concept's vectors switch on one by one, every this many steps
+    per_image_mix: float = 0.0  # probability that a sample's prompt also names its image's own token
 
 
 def clip_per_concept(max_norm: float) -> optax.GradientTransformation:
@@ -86,8 +92,20 @@ def _draw(key: jax.Array, k_tables: dict[str, jax.Array], cfg: StepConfig, num_t
     crop = jax.random.randint(kc, (b,), 0, k_tables["n_crops"])
     flip = jax.random.bernoulli(kf, cfg.flip_p, (b,)).astype(jnp.int32)
     prompt = jnp.where(k_tables["per_image"], img, jax.random.randint(kp, (b,), 0, k_tables["n_prompts"]))
+    if cfg.per_image_mix:
+        # A stream folded off the prompt's key, so runs without per-image tokens keep their draws bit for bit.
+        dual = jax.random.bernoulli(jax.random.fold_in(kp, 1), cfg.per_image_mix, (b,))
+        prompt = jnp.where(dual, image_token_row(prompt, img, k_tables), prompt)
     t = jax.random.randint(kt, (b,), 0, num_train_timesteps)
     return img, crop * 2 + flip, prompt, t, kn, kl
+
+
+def image_token_row(prompt: jax.Array, img: jax.Array, k_tables: dict[str, jax.Array]) -> jax.Array:
+    """The prompt-table row of `prompt` with image `img`'s own token added ("... with S_i"), in the layout
+    `train.data.training_prompts` builds: after the n_prompts plain rows, one row per caption (per-image captions)
+    or per (template, image) pair, template-major."""
+    offset = jnp.where(k_tables["per_image"], img, prompt * k_tables["n_images"] + img)
+    return k_tables["n_prompts"] + offset
 
 
 class Layout(NamedTuple):
@@ -125,6 +143,56 @@ def draw_batch(tables: Tables, cfg: StepConfig, num_train_timesteps: int, key_st
     return mean + std * eps, noise, t, ids
 
 
+# ---- the paper's variants (Gal et al. 2022, Fig. 10): pure functions the step applies around its diffusion loss ----
+
+
+def active_vectors(step: jax.Array, n_vectors: jax.Array, every: int) -> jax.Array:
+    """[K] how many of each concept's vectors are in use at `step`: all of them, or with `every` > 0 (the paper's
+    progressive extension) one at first and one more every `every` steps, up to the concept's count."""
+    if not every:
+        return n_vectors
+    return jnp.minimum(n_vectors, 1 + step // every).astype(n_vectors.dtype)
+
+
+def inactive_rows(n_rows: int, n_vectors: jax.Array, active: jax.Array) -> jax.Array:
+    """[K, n_rows] True where row j is one of the concept's own vectors not yet switched on (active <= j < n).
+    Rows past a concept's vectors (per-image tokens, padding) are never inactive."""
+    j = jnp.arange(n_rows)
+    return (j >= active[:, None]) & (j < n_vectors[:, None])
+
+
+def drop_inactive(ids: jax.Array, vocab: int, n_rows: int, n_vectors: jax.Array, active: jax.Array) -> jax.Array:
+    """Prompt ids [R, T] without the placeholder positions of vectors not yet switched on; `n_vectors`, `active`:
+    [R], of the concept each prompt row belongs to.
+
+    The placeholder sequence grows as vectors switch on, as in the paper's code: the kept ids close up in order and
+    the tail is refilled with the row's last id (its padding), so the prompt is exactly the one a token of `active`
+    vectors tokenizes to, and the UNet never sees the inactive vectors. Placeholder id vocab + s * n_rows + j
+    reads row j of concept slot s (see `train.invert`)."""
+    row = jnp.where(ids >= vocab, (ids - vocab) % n_rows, -1)
+    drop = (row >= active[:, None]) & (row < n_vectors[:, None])
+    order = jnp.argsort(drop, axis=-1, stable=True)  # kept positions first, in their order
+    kept = jnp.take_along_axis(ids, order, axis=-1)
+    n_kept = ids.shape[-1] - jnp.sum(drop, axis=-1, keepdims=True)
+    return jnp.where(jnp.arange(ids.shape[-1]) < n_kept, kept, ids[:, -1:])
+
+
+def init_regulariser(vectors: tuple[jax.Array, ...], init: tuple[jax.Array, ...], active: jax.Array) -> jax.Array:
+    """[K] mean over each concept's vectors in use (rows 0..active-1) of ||v - v0||^2, the squared distance of the
+    vector (its rows in every text encoder together) from its initial value.
+
+    Squared L2 because it is the paper's regulariser (its code's `embedding_to_coarse_loss`: (v - v0)(v - v0)^T for
+    one vector), a Gaussian prior around the initializer word whose pull grows with the distance; the mean over
+    vectors, not the sum, keeps one `init_reg` meaning the same strength for 1 or 3 vectors (the paper's code takes
+    the mean of the n x n Gram matrix instead, which only matches for one vector). Per-image tokens and vectors not
+    yet switched on are left out: the former are a training device, the latter sit at v0."""
+    rows = vectors[0].shape[1]
+    used = (jnp.arange(rows) < active[:, None]).astype(jnp.float32)
+    sq = sum(jnp.sum(jnp.square(v.astype(jnp.float32) - v0.astype(jnp.float32)), axis=-1)
+             for v, v0 in zip(vectors, init, strict=True))
+    return jnp.sum(sq * used, axis=1) / jnp.maximum(jnp.sum(used, axis=1), 1.0)
+
+
 def _draw_on_devices(tables: Tables, cfg: StepConfig, num_train_timesteps: int, key_step: jax.Array, layout: Layout):
     from tix.parallel import DATA_AXES
 
@@ -150,10 +218,17 @@ def loss_fn(
     tables: Tables,
     key_step: jax.Array,
     layout: Layout = SINGLE_DEVICE,
+    active: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(total loss, per-concept losses). Total = sum over concepts of weight_k x mean loss of concept k."""
+    """(total loss, per-concept losses). Total = sum over concepts of weight_k x loss of concept k: its mean
+    diffusion loss, plus `cfg.init_reg` x `init_regulariser`. `active` [K]: vectors in use (default: all)."""
     num_k = tables.n_images.shape[0]
     latents, noise, t, ids = _draw_on_devices(tables, cfg, sd.schedule.num_train_timesteps, key_step, layout)
+    active = tables.n_vectors if active is None else active
+    if cfg.progressive_every:  # a separate pass over the drawn ids: the diffusion loss below is the plain one
+        per_row = (jnp.repeat(tables.n_vectors, cfg.batch_size), jnp.repeat(active, cfg.batch_size))
+        n_rows = vectors[0].shape[1]
+        ids = tuple(drop_inactive(i, side.vocab_size, n_rows, *per_row) for i, side in zip(ids, sd.text, strict=True))
     x0 = sd.scale_latents(latents)
     extra = tuple(v.reshape(-1, v.shape[-1]) for v in vectors)
     context, pooled = sd.text_fn(frozen, ids, extra)
@@ -168,6 +243,8 @@ def loss_fn(
     if cfg.min_snr_gamma:
         per_sample = per_sample * sched.min_snr_weight(sd.schedule, t, cfg.min_snr_gamma)
     per_concept = per_sample.reshape(num_k, cfg.batch_size).mean(axis=1)
+    if cfg.init_reg:
+        per_concept = per_concept + cfg.init_reg * init_regulariser(vectors, tables.init_vectors, active)
     return jnp.sum(per_concept * tables.weight), per_concept
 
 
@@ -182,10 +259,11 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over `grad_accum` micro-batches; gradients reach only `state.vectors`."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    active = active_vectors(state.step, tables.n_vectors, cfg.progressive_every) if cfg.progressive_every else None
 
     def micro(carry, i):
         key_step = state.step * cfg.grad_accum + i
-        (loss, per_concept), grads = grad_fn(state.vectors, sd, cfg, frozen, tables, key_step, layout)
+        (loss, per_concept), grads = grad_fn(state.vectors, sd, cfg, frozen, tables, key_step, layout, active)
         acc_loss, acc_pc, acc_g = carry
         return (acc_loss + loss, acc_pc + per_concept, jax.tree.map(jnp.add, acc_g, grads)), None
 
@@ -197,6 +275,11 @@ def train_step(
     grads = jax.tree.map(lambda g: g * scale, grads)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))) for g in grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.vectors)
+    if cfg.progressive_every:
+        # Their gradient is zero already; this also keeps weight decay off them, so they wait at their initial
+        # value (the init word) and start from it when they switch on.
+        frozen_rows = inactive_rows(state.vectors[0].shape[1], tables.n_vectors, active)[..., None]
+        updates = tuple(jnp.where(frozen_rows, jnp.zeros_like(u), u) for u in updates)
     vectors = optax.apply_updates(state.vectors, updates)
     metrics = {"loss": loss * scale, "concept_loss": per_concept * scale, "grad_norm": grad_norm}
     return TrainState(vectors, opt_state, state.step + 1), metrics
