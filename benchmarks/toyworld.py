@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4, help="images per concept per step")
     p.add_argument("--lr", type=float, default=5e-3, help="the base learning rate (scaled by the batch size)")
     p.add_argument("--samples", type=int, default=16, help="reconstruction and edit samples per concept and method")
-    p.add_argument("--init-reg", type=float, default=0.01, help="init_reg of the regularised run")
+    p.add_argument("--init-reg", type=float, default=1e-3, help="init_reg of the regularised run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch", action="store_true", help="also score tix-1v exported and loaded in PyTorch diffusers")
     args = p.parse_args(argv)
