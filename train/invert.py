@@ -181,6 +181,7 @@ def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
         else:
             init = init_vectors(sd, concept.init, concept.vectors)
         sd.add_tokens(concept.token, init)
+        data.check_prompts_fit(sd, concept)
         prepared.append(_Prepared(concept, init, _concept_seed(cfg.seed, concept.token)))
     return prepared
 
