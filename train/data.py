@@ -12,7 +12,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from tix import fs, templates
 from tix.errors import ConfigError, TixError
@@ -142,8 +142,10 @@ def load_image(path: fs.PathLike) -> Image.Image | None:
             if im.mode.startswith("I"):  # 16-bit (and 32-bit integer) greyscale: convert("RGB") would clip at 255
                 return _grey_to_rgb(im)
             return im.convert("RGB")  # 8-bit greyscale, CMYK, palette; 16-bit RGB(A) already opens as 8-bit
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+    except Exception as err:
+        # Not only UnidentifiedImageError/OSError: Pillow's decoders raise whatever their parser hits on damaged bytes
+        # (SyntaxError, struct.error, IndexError, ...), and one bad file must not stop a run.
+        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=2)
         return None
 
 
