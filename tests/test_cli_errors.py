@@ -23,7 +23,8 @@ def _exit_2(argv: list[str], capsys) -> str:
         cli.main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2, err
-    assert err.startswith("tix: error:") and "Traceback" not in err, err
+    # The last line: transformers may log a line of its own while a model loads.
+    assert err.strip().splitlines()[-1].startswith("tix: error:") and "Traceback" not in err, err
     return err
 
 
@@ -64,7 +65,7 @@ def test_config_file_values_are_converted_or_refused_naming_the_file(tmp_path):
     assert (cfg.lr, cfg.steps, cfg.center_crop) == (1e-3, 40, False)
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 1e-3\ncenter_crop: maybe\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: center_crop='maybe': center_crop must be true or false"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: center_crop must be true or false \(got 'maybe'\)"):
         load_config(bad, {})
 
 
@@ -108,7 +109,7 @@ def test_concept_yaml_values_are_typed_and_its_syntax_errors_located(tmp_path):
     (spec,) = data.concept_specs(TrainConfig(concepts=str(tmp_path)))
     assert (spec.vectors, spec.style) == (2, False)
     (folder / "concept.yaml").write_text("vectors: many\n")
-    with pytest.raises(ConfigError, match="vectors='many': vectors must be an integer"):
+    with pytest.raises(ConfigError, match=r"concept\.yaml: vectors must be an integer \(got 'many'\)"):
         data.concept_specs(TrainConfig(concepts=str(tmp_path)))
     (folder / "concept.yaml").write_text("init: cat\ncaptions: ['a {}'\n")
     with pytest.raises(ConfigError, match=r"concept\.yaml, line \d+ column \d+: not valid YAML"):

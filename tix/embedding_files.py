@@ -37,6 +37,7 @@ import os
 import pickle
 import re
 import struct
+import tokenize
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -557,7 +558,7 @@ def _load_npy(path: Path) -> Any:
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as e:
+        except (ValueError, SyntaxError, tokenize.TokenError) as e:  # numpy parses the header as Python literals
             raise EmbeddingFileError(f"{path} is not a valid .npy file: {e}") from e
         if not dtype.hasobject:
             # The header's shape decides how much numpy allocates: refuse one the file cannot hold before it does.

@@ -153,8 +153,8 @@ class StableDiffusion:
 
         A token is expanded wherever the CLIP tokenizer will split it out, so every occurrence gets all its vectors:
         the tokenizer finds added tokens anywhere in the text (also next to punctuation or inside a word, as in
-        "(<t>)", "<t>s", "a,<t>"), ignoring case (CLIP lower-cases text first), longest name first. A spelled-out
-        sub-token such as `<t>_1` is left alone.
+        "(<t>)", "<t>s", "a,<t>"), ignoring case (CLIP lower-cases text first), longest name first; a plain-word
+        token ("kt") only as a whole word (see `_whole_word`). A spelled-out sub-token such as `<t>_1` is left alone.
         """
         added = self.text[0].added
         if not added:

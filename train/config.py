@@ -163,10 +163,10 @@ def _convert(hint: Any, value: Any) -> Any:
             raise ValueError
         if isinstance(value, int):
             return value
-        number = float(value) if isinstance(value, (float, str)) else math.nan
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
-        if math.isfinite(number) and number.is_integer():
+            return int(value)  # exact, however long
+        number = float(value)  # "2e3" or 2000.0; text and non-numbers raise
+        if number.is_integer():
             return int(number)
         raise ValueError
     if hint is float:
@@ -200,7 +200,7 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
     wanted and where the value came from."""
     hints = typing.get_type_hints(cls)
     if name not in hints:
-        raise ConfigError(f"{where}{name}: unknown config field {name!r}; known fields: {', '.join(sorted(hints))}")
+        raise ConfigError(f"{where}unknown config field {name!r}; known fields: {', '.join(sorted(hints))}")
     types_, optional = _allowed(hints[name])
     if value is None:
         if optional:
@@ -212,7 +212,7 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
             except (ValueError, TypeError, OverflowError):
                 continue
     wanted = " or ".join(_type_name(h) for h in types_) + (" (or null)" if optional else "")
-    raise ConfigError(f"{where}{name}={value!r}: {name} must be {wanted}")
+    raise ConfigError(f"{where}{name} must be {wanted} (got {value!r})")
 
 
 def _coerce(name: str, value: Any, where: str = "") -> Any:
@@ -262,5 +262,5 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         hints = typing.get_type_hints(TrainConfig)
         if key in hints and str in _allowed(hints[key])[0] and isinstance(value, (bool, int, float)):
             value = raw.strip()  # a text field keeps the text as typed (`--set init=yes` is the word "yes")
-        out[key] = _coerce(key, value, "--set ")
+        out[key] = _coerce(key, value, f"--set {item}: ")
     return out
