@@ -211,8 +211,8 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
                 return _convert(hint, value)
             except (ValueError, TypeError, OverflowError):
                 continue
-    wanted = " or ".join(_type_name(h) for h in types_) + (" (or null)" if optional else "")
-    raise ConfigError(f"{where}{name} must be {wanted} (got {value!r})")
+    wanted = " or ".join([_type_name(h) for h in types_] + (["null"] if optional else []))
+    raise ConfigError(f"{where}{name} must be {wanted}, not {value!r}")
 
 
 def _coerce(name: str, value: Any, where: str = "") -> Any:
@@ -248,7 +248,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """`--set key=value` pairs; values are parsed as YAML scalars (so 1e-3, true, null work)."""
+    """`--set key=value` pairs; values are parsed as YAML scalars (so true, null, [a, b] work), then converted to the
+    field's type (so 1e-3, which YAML reads as a string, is a float for `lr`), or refused naming the field."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -256,7 +257,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.safe_load(raw) if raw.strip() else ""  # empty: the empty string, not "unset"
         except yaml.YAMLError:
             value = raw  # not YAML (e.g. an unbalanced quote): the field's type decides below
         hints = typing.get_type_hints(TrainConfig)
