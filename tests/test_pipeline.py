@@ -103,3 +103,56 @@ def test_generate_is_deterministic_and_prompt_dependent(pair):
     assert a.shape == (2, sd.default_size, sd.default_size, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int) - c.astype(int)).max() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokens and prompts
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_dirs):
+    return tix.load(tiny_dirs("sd1"))
+
+
+def test_a_plain_word_token_matches_only_whole_words(tiny_dirs):
+    sd = tix.load(tiny_dirs("sd1"))
+    before = sd.tokenize(["a photo of a cat"])[0]
+    sd.add_tokens("hoto", [np.zeros((2, sd.text[0].width), np.float32)])
+    sd.add_tokens("<br>", [np.zeros((2, sd.text[0].width), np.float32)])
+    np.testing.assert_array_equal(sd.tokenize(["a photo of a cat"])[0], before)  # "photo" keeps its own tokens
+    hoto = sd.text[0].vocab_size  # the first placeholder row
+    for prompt in ("a hoto cat", "a (HOTO), cat", "hoto's cat"):
+        ids = sd.tokenize([prompt])[0][0]
+        assert list(ids).count(hoto) == 1 and list(ids).count(hoto + 1) == 1, prompt  # both vectors, once
+    assert sd.expand_prompt("hoto photos hotos") == "hoto hoto_1 photos hotos"
+    # A bracketed token still matches inside words, as diffusers' tokenizers do ("<br>s": plural).
+    assert sd.expand_prompt("two <br>s") == "two <br> <br>_1s"
+    with pytest.raises(tix.errors.TixError, match="already"):
+        sd.add_tokens("<BR>", [None])  # lower-cased prompts would make it the same token as <br>
+
+
+def test_overlong_prompts_are_cut_with_one_warning_naming_them(sd1, caplog):
+    long_prompt = "a photo of " + " ".join(["red"] * 90) + " cat"
+    with caplog.at_level("WARNING", logger="tix"):
+        a = sd1.tokenize([long_prompt, "a cat"])[0]
+        sd1.tokenize([long_prompt])
+    warnings = [r.getMessage() for r in caplog.records if "tokens long" in r.getMessage()]
+    assert len(warnings) == 1 and "a photo of red red" in warnings[0] and "77" in warnings[0]
+    assert a.shape == (2, 77) and a[0, -1] == sd1.text[0].tokenizer.eos_token_id  # cut as diffusers cuts it
+    counts = sd1.token_counts([long_prompt, "a cat"])
+    assert counts[0] > 90 and counts[1] < 10 and f"is {counts[0]} tokens long" in warnings[0]
+
+
+def test_models_are_freed_when_dropped(tiny_dirs):
+    import gc
+    import weakref
+
+    def load_and_use():
+        sd = tix.load(tiny_dirs("sd1"))
+        sd.encode_prompts(["a cat"])  # fills the compiled-function cache
+        sd.encode_images(np.zeros((1, sd.default_size, sd.default_size, 3), np.float32))
+        return weakref.ref(sd), weakref.ref(sd.params["unet"]["conv_in"]["kernel"])
+
+    refs = [load_and_use() for _ in range(3)]
+    gc.collect()
+    assert all(model() is None and weights() is None for model, weights in refs)

@@ -4,20 +4,50 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 from tix.errors import TixError
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise TixError(f"--n {args.n}: the number of images must be at least 1")
+    if args.steps < 1:
+        raise TixError(f"--steps {args.steps}: the number of sampling steps must be at least 1")
+    if args.size is not None and args.size < 8:
+        raise TixError(f"--size {args.size}: give the image size in pixels, e.g. 512 (or leave it out for the model's)")
+    if not math.isfinite(args.guidance):
+        raise TixError(f"--guidance {args.guidance}: give a finite number, e.g. 7.5")
+    out = Path(args.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise TixError(f"--out {out}: {existing} is a file, not a folder; give a folder for the images")
+
+
+def _writable_folder(out: Path) -> Path:
+    """Create `out` and prove a file can be written there, before the minutes of sampling that would be lost."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise TixError(f"--out {out}: cannot write there ({err.strerror or err}); choose another folder") from None
+    return out
 
 
 def _generate(args: argparse.Namespace) -> None:
     import tix
     from tix.embedding_files import safe_stem
 
+    _check_generate_args(args)
     sd = tix.load(args.model, args.dtype)
     for path in args.embeddings or []:
         names = sd.load_embeddings(path)
         print(f"loaded {', '.join(names)} from {path}")
+    out = _writable_folder(Path(args.out))
     prompts = [args.prompt] * args.n
     images = sd.generate(prompts, negative=args.negative, steps=args.steps, guidance=args.guidance,
                          sampler=args.sampler, seed=args.seed, size=args.size)
@@ -25,12 +55,13 @@ def _generate(args: argparse.Namespace) -> None:
 
     from train.report import grid
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = safe_stem(args.prompt)[:60]
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(out / f"{stem}-{args.seed}-{i}.png")
-    grid(images, min(len(images), 4)).save(out / f"{stem}-{args.seed}-grid.png")
+    try:
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(out / f"{stem}-{args.seed}-{i}.png")
+        grid(images, min(len(images), 4)).save(out / f"{stem}-{args.seed}-grid.png")
+    except OSError as err:
+        raise TixError(f"--out {out}: writing the images failed ({err.strerror or err})") from None
     print(f"wrote {len(images)} images and a grid to {out}")
 
 
@@ -75,10 +106,13 @@ def _export(args: argparse.Namespace) -> None:
     else:
         library_root = source / "tokens" if fs.is_dir(source / "tokens") else source
         entries = Library(library_root).entries()
-    if args.token:
-        entries = [e for e in entries if e.concept.token == args.token]
     if not entries:
         raise TixError(f"{source}: no learned concepts found (give a run folder, a concept library, or --token)")
+    if args.token:
+        known = [e.concept.token for e in entries]
+        entries = [e for e in entries if e.concept.token == args.token]
+        if not entries:
+            raise TixError(f"{source} has no token {args.token!r}; it holds: {', '.join(known)}")
     written = embedding_files.write([e.concept for e in entries] if len(entries) > 1 else entries[0].concept,
                                     args.out, format=args.format, torch_pickle=args.torch_pickle or None)
     for path in written:
@@ -86,15 +120,23 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _concepts(args: argparse.Namespace) -> None:
+    from tix import fs
     from tix.library import Library
 
     library = Library(args.library)
+    if args.action != "merge" and not fs.is_dir(library.root):
+        raise TixError(f"no concept library at {library.root}: the folder does not exist")
+    if args.action == "merge" and args.other and not fs.is_dir(fs.absolute(args.other)):
+        raise TixError(f"--other {args.other}: no concept library there (the folder does not exist)")
     if args.action in ("show", "rm") and not args.token:
         raise TixError(f"tix concepts {args.action} needs the token: tix concepts {args.action} LIBRARY TOKEN")
     if args.action == "merge" and not args.other:
         raise TixError("tix concepts merge needs the library to copy from: --other LIBRARY")
     if args.action == "list":
-        for entry in library.entries():
+        entries = library.entries()
+        if not entries:
+            print(f"{library.root} holds no concepts", file=sys.stderr)
+        for entry in entries:
             m = entry.meta
             print(f"{entry.concept.token}\t{m.get('family')}\t{entry.concept.num_vectors} vec\t{m.get('base_model')}")
     elif args.action == "show":

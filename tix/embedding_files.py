@@ -37,6 +37,7 @@ import os
 import pickle
 import re
 import struct
+import tokenize
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -120,7 +121,10 @@ class Concept:
 
 
 def _as_vectors(value: Any, what: str) -> np.ndarray:
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged lists, objects numpy cannot hold
+        raise EmbeddingFileError(f"{what}: expected float vectors, got {type(value).__name__} ({e})") from e
     if array.dtype.kind not in "fiu" and str(array.dtype) != "bfloat16":
         raise EmbeddingFileError(f"{what}: expected float vectors, got dtype {array.dtype}")
     if array.ndim == 1:
@@ -554,11 +558,20 @@ def _load_npy(path: Path) -> Any:
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as e:
+        except (ValueError, SyntaxError, tokenize.TokenError) as e:  # numpy parses the header as Python literals
             raise EmbeddingFileError(f"{path} is not a valid .npy file: {e}") from e
         if not dtype.hasobject:
+            # The header's shape decides how much numpy allocates: refuse one the file cannot hold before it does.
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            available = fs.size(path) - f.tell()
+            if declared > available:
+                raise EmbeddingFileError(f"{path}: the .npy header declares {declared} bytes of data (shape "
+                                         f"{list(shape)}) but the file holds {available}; the file is damaged")
             f.seek(0)
-            return np.load(f, allow_pickle=False)
+            try:
+                return np.load(f, allow_pickle=False)
+            except ValueError as e:
+                raise EmbeddingFileError(f"{path} is not a valid .npy file: {e}") from e
         try:
             loaded = _RestrictedUnpickler(f).load()
         except pickle.UnpicklingError as e:
@@ -566,16 +579,22 @@ def _load_npy(path: Path) -> Any:
             raise _refused(path, found.group(1) if found else str(e)) from e
         except Exception as e:
             raise EmbeddingFileError(f"could not read {path} as a pickled numpy array: {type(e).__name__}: {e}") from e
-    value = _materialize(loaded)
-    # np.save wraps a dict in a 0-d object array, which _materialize already unwrapped.
-    return value
+    try:
+        # np.save wraps a dict in a 0-d object array, which _materialize unwraps.
+        return _materialize(loaded)
+    except RecursionError as e:
+        raise EmbeddingFileError(f"{path}: the pickled numpy array is nested too deeply to be an embedding") from e
 
 
 def _load_png(path: Path) -> dict[str, Any]:
     from PIL import Image
 
-    with Image.open(fs.readable(path)) as image:
-        text = dict(getattr(image, "text", {}) or {})
+    try:
+        with Image.open(fs.readable(path)) as image:
+            text = dict(getattr(image, "text", {}) or {})
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        # Pillow reports damaged chunks as any of these (SyntaxError: "broken PNG file").
+        raise EmbeddingFileError(f"could not read {path} as a PNG: {type(e).__name__}: {e}") from e
     if "sd-ti-embedding" not in text:
         raise EmbeddingFileError(
             f"{path} has no 'sd-ti-embedding' text chunk; embeddings hidden in an image's pixels are not supported. "
@@ -640,7 +659,11 @@ def _load(path: Path) -> tuple[Any, dict[str, str]]:
     if kind == "safetensors":
         return _load_safetensors(path)
     if kind == "torch":
-        return _torch_to_numpy(_load_torch(path)), {}
+        loaded = _load_torch(path)
+        try:
+            return _torch_to_numpy(loaded), {}
+        except (RuntimeError, TypeError, ValueError) as e:  # tensors numpy cannot hold (quantized, sparse, meta)
+            raise EmbeddingFileError(f"{path}: a tensor in the file cannot be read as an array: {e}") from e
     if kind == "npy":
         return _load_npy(path), {}
     if kind == "png":
@@ -710,6 +733,8 @@ def _concepts_from_content(content: Any, metadata: Mapping[str, str], path: Path
         return [Concept(token, {"text_encoder": content})]
     if not isinstance(content, dict):
         raise EmbeddingFileError(f"{where} holds a {type(content).__name__}, not an embedding dict or tensor")
+    if not all(isinstance(k, str) for k in content):
+        raise EmbeddingFileError(f"{where} has keys that are not names ({_list_names([repr(k) for k in content])})")
 
     if "string_to_param" in content:
         # A1111 .pt (and PNG) and the paper's embeddings.pt; A1111 refuses files with several terms, so does tix.
@@ -865,7 +890,14 @@ def read(path: str | os.PathLike, *, token: str | None = None) -> list[Concept]:
     """
     path = fs.path(path)
     if fs.is_dir(path):
-        return _read_folder(path, token)
-    if not path.is_file():
+        concepts = _read_folder(path, token)
+    elif not path.is_file():
         raise EmbeddingFileError(f"embedding file {path} does not exist")
-    return _read_file(path, token)
+    else:
+        concepts = _read_file(path, token)
+    for concept in concepts:
+        for name, vectors in concept.vectors.items():
+            if not np.isfinite(vectors).all():
+                raise EmbeddingFileError(f"{path}: {concept.token!r} ({name}) holds nan or infinite values; the "
+                                         "embedding is damaged (a diverged training run?) and would give blank images")
+    return concepts

@@ -9,6 +9,7 @@ memory and compile time). The convenience methods (`encode_prompts`, `predict_no
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Sequence
 from functools import partial
@@ -25,6 +26,7 @@ from tix.models.unet import UNet2DConditionModel
 from tix.models.vae import AutoencoderKL
 from tix.schedule import NoiseSchedule
 
+log = logging.getLogger("tix")
 Kind = Literal["sd1", "sd2", "sdxl"]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -55,6 +57,11 @@ class TextSide:
     def max_length(self) -> int:
         return min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
 
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """How many tokens each prompt takes, start and end included, before any truncation."""
+        ids = self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids  # verbose: no length warning
+        return [len(i) for i in ids]
+
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         """[B, 77] int32 ids, padded and truncated as diffusers does; placeholders map to vocab_size + k."""
         ids = self.tokenizer(
@@ -80,6 +87,9 @@ class StableDiffusion:
     scheduler_config: dict[str, Any]
     default_size: int = 512  # pixels: the UNet's sample_size x the VAE's scale factor
     source: str = ""
+    # Compiled entry points of this model (see `_cache`); a new object (dataclasses.replace) starts with none.
+    _compiled: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _warned: set[str] = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
 
     # ---- facts -------------------------------------------------------------------------------------------------
     @property
@@ -112,7 +122,8 @@ class StableDiffusion:
         checked = []
         for side, vecs in zip(self.text, vectors, strict=True):
             for name in names:
-                if name in side.added or self._in_base_vocab(side, name):
+                # Prompts are lower-cased before tokens are matched, so '<Cat>' and '<cat>' would be one token.
+                if name.lower() in {a.lower() for a in side.added} or self._in_base_vocab(side, name):
                     raise TixError(
                         f"token {name!r} is already in the {side.name} vocabulary; choose another placeholder "
                         "(e.g. wrap it in angle brackets: '<my-cat>')"
@@ -127,7 +138,7 @@ class StableDiffusion:
                 )
             checked.append(vecs)
         for side, vecs in zip(self.text, checked, strict=True):
-            side.tokenizer.add_tokens(names)
+            side.tokenizer.add_tokens([_added_token(name, whole_word=_whole_word(token)) for name in names])
             side.added.extend(names)
             side.extra = vecs if side.extra is None else np.concatenate([side.extra, vecs])
         return names
@@ -142,8 +153,8 @@ class StableDiffusion:
 
         A token is expanded wherever the CLIP tokenizer will split it out, so every occurrence gets all its vectors:
         the tokenizer finds added tokens anywhere in the text (also next to punctuation or inside a word, as in
-        "(<t>)", "<t>s", "a,<t>"), ignoring case (CLIP lower-cases text first), longest name first. A spelled-out
-        sub-token such as `<t>_1` is left alone.
+        "(<t>)", "<t>s", "a,<t>"), ignoring case (CLIP lower-cases text first), longest name first; a plain-word
+        token ("kt") only as a whole word (see `_whole_word`). A spelled-out sub-token such as `<t>_1` is left alone.
         """
         added = self.text[0].added
         if not added:
@@ -158,7 +169,9 @@ class StableDiffusion:
         if max(counts.values()) == 1:
             return prompt
         # One pass over an alternation ordered longest first finds the same matches as the tokenizer's trie.
-        pattern = "|".join(re.escape(name) for name in sorted(canonical.values(), key=len, reverse=True))
+        whole = {t.content for t in self.text[0].tokenizer.added_tokens_decoder.values() if t.single_word}
+        pattern = "|".join(_token_pattern(name, name in whole)
+                           for name in sorted(canonical.values(), key=len, reverse=True))
 
         def spell(match: re.Match) -> str:
             name = canonical[match.group(0).lower()]
@@ -185,9 +198,28 @@ class StableDiffusion:
 
     # ---- pure functions ----------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, ...]:
-        """Token ids for each text encoder, prompts expanded for multi-vector tokens."""
-        prompts = [self.expand_prompt(p) for p in prompts]
-        return tuple(side.tokenize(prompts) for side in self.text)
+        """Token ids for each text encoder, prompts expanded for multi-vector tokens. A prompt longer than the text
+        encoder reads is cut at its end, as diffusers does, with a warning (once per prompt)."""
+        expanded = [self.expand_prompt(p) for p in prompts]
+        for prompt, count in zip(prompts, self.token_counts(prompts, expanded=expanded), strict=True):
+            if count > self.max_length and prompt not in self._warned:
+                self._warned.add(prompt)
+                shown = prompt if len(prompt) <= 120 else prompt[:117] + "..."
+                log.warning(f"prompt {shown!r} is {count} tokens long; the text encoder reads only the first "
+                            f"{self.max_length} (start and end tokens included), the rest is ignored")
+        return tuple(side.tokenize(expanded) for side in self.text)
+
+    @property
+    def max_length(self) -> int:
+        """The most tokens a prompt may take, start and end tokens included (77 for every Stable Diffusion)."""
+        return min(side.max_length for side in self.text)
+
+    def token_counts(self, prompts: Sequence[str], *, expanded: Sequence[str] | None = None) -> list[int]:
+        """How many tokens each prompt takes (multi-vector tokens spelled out, start and end included), before the
+        truncation to `max_length`; the largest over the text encoders."""
+        expanded = [self.expand_prompt(p) for p in prompts] if expanded is None else expanded
+        counts = [side.token_counts(expanded) for side in self.text]
+        return [max(c) for c in zip(*counts, strict=True)]
 
     def text_fn(
         self, params: dict[str, Any], ids: Sequence[jax.Array], extra: Sequence[jax.Array | None]
@@ -287,8 +319,12 @@ class StableDiffusion:
         """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`."""
         from tix import parallel
 
-        size = size or self.default_size
+        size = self.default_size if size is None else size
         height, width = (size, size) if isinstance(size, int) else size
+        if height < self.vae_scale_factor or width < self.vae_scale_factor:
+            raise ConfigError(f"size {height}x{width}: give a positive size in pixels, e.g. {self.default_size}")
+        if not prompts:
+            raise ConfigError("generate needs at least one prompt")
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ConfigError(f"size {height}x{width} must be a multiple of {self.vae_scale_factor} for this model")
         n = len(prompts)
@@ -323,15 +359,32 @@ def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
-# Compiled entry points cached per model object and static settings (the params stay arguments).
-def _cache(fn):
-    table: dict[Any, Any] = {}
+def _token_pattern(name: str, whole_word: bool) -> str:
+    """The regex matching where the tokenizer splits out added token `name` (see `_added_token`)."""
+    return rf"(?<!\w){re.escape(name)}(?!\w)" if whole_word else re.escape(name)
 
+
+def _whole_word(token: str) -> bool:
+    # A token that starts or ends with a letter or digit ("hoto", "my-cat") would otherwise be split out of any word
+    # containing it ("photo" -> "p" + "hoto"); bracketed tokens ("<my-cat>") keep matching anywhere, as in diffusers.
+    return bool(re.match(r"\w", token[0]) or re.match(r"\w", token[-1]))
+
+
+def _added_token(name: str, *, whole_word: bool) -> Any:
+    """`name` as the tokenizer's added token; a whole-word one matches only between non-word characters."""
+    from tokenizers import AddedToken
+
+    return AddedToken(name, single_word=whole_word, normalized=True)
+
+
+# Compiled entry points, cached on the model object per static settings (the params stay arguments). Living on the
+# object, they go when it goes: a process that loads model after model keeps none of the old weights.
+def _cache(fn):
     def get(sd: StableDiffusion, *static):
-        key = (id(sd), *static)
-        if key not in table:
-            table[key] = jax.jit(partial(fn, sd, *static))
-        return table[key]
+        key = (fn.__name__, *static)
+        if key not in sd._compiled:
+            sd._compiled[key] = jax.jit(partial(fn, sd, *static))
+        return sd._compiled[key]
 
     return get
 

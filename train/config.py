@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +99,22 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in _float_fields(TrainConfig):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name}={value} must be a finite number")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"adam_eps={self.adam_eps} must be positive (e.g. 1e-8)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be 0 or positive")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        for name in ("max_grad_norm", "min_snr_gamma"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive, or null for none")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
         if self.init_reg < 0:
@@ -130,11 +147,99 @@ class TrainConfig:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-def _coerce(name: str, value: Any) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if name not in fields:
-        raise ConfigError(f"unknown config field {name!r}; known fields: {', '.join(sorted(fields))}")
+def _float_fields(cls: type) -> list[str]:
+    return [name for name, hint in typing.get_type_hints(cls).items() if float in _allowed(hint)[0]]
+
+
+def _allowed(hint: Any) -> tuple[tuple[Any, ...], bool]:
+    """The non-None types a field annotation allows, and whether it allows None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (hint,), False
+
+
+_TRUE, _FALSE = {"true", "yes", "on"}, {"false", "no", "off"}
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    """`value` as type `hint`, or raise ValueError. Strings are parsed (YAML reads `1e-3` as a string)."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)  # exact, however long
+        number = float(value)  # "2e3" or 2000.0; text and non-numbers raise
+        if number.is_integer():
+            return int(number)
+        raise ValueError
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        return float(value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a model or token spelled as a number
+        raise ValueError
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ValueError
+        return [_convert(item, v) for v in items]
     return value
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
+    """`value` converted to the type of field `name` of dataclass `cls`, or a ConfigError naming the field, the type
+    wanted and where the value came from."""
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise ConfigError(f"{where}unknown config field {name!r}; known fields: {', '.join(sorted(hints))}")
+    types_, optional = _allowed(hints[name])
+    if value is None:
+        if optional:
+            return None
+    else:
+        for hint in types_:
+            try:
+                return _convert(hint, value)
+            except (ValueError, TypeError, OverflowError):
+                continue
+    wanted = " or ".join([_type_name(h) for h in types_] + (["null"] if optional else []))
+    raise ConfigError(f"{where}{name} must be {wanted}, not {value!r}")
+
+
+def _coerce(name: str, value: Any, where: str = "") -> Any:
+    return coerce(TrainConfig, name, value, where)
+
+
+def read_yaml(path: Path, text: str) -> Any:
+    """Parse YAML, turning a syntax error into a ConfigError that names the file and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{line}: not valid YAML ({problem}); fix the file") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -144,10 +249,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         source = Path(path)
         if not source.exists():
             raise ConfigError(f"config file {source} does not exist")
-        loaded = yaml.safe_load(source.read_text()) or {}
+        loaded = read_yaml(source, source.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{source} must hold a mapping of config fields")
-        values.update({k: _coerce(k, v) for k, v in loaded.items()})
+            raise ConfigError(f"{source} must hold a mapping of config fields (key: value lines)")
+        values.update({str(k): _coerce(str(k), v, f"{source}: ") for k, v in loaded.items()})
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value)
@@ -155,11 +260,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """`--set key=value` pairs; values are parsed as YAML scalars (so 1e-3, true, null work)."""
+    """`--set key=value` pairs; values are parsed as YAML scalars (so true, null, [a, b] work), then converted to the
+    field's type (so 1e-3, which YAML reads as a string, is a float for `lr`), or refused naming the field."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr_schedule=cosine")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""  # empty: the empty string, not "unset"
+        except yaml.YAMLError:
+            value = raw  # not YAML (e.g. an unbalanced quote): the field's type decides below
+        hints = typing.get_type_hints(TrainConfig)
+        if key in hints and str in _allowed(hints[key])[0] and isinstance(value, (bool, int, float)):
+            value = raw.strip()  # a text field keeps the text as typed (`--set init=yes` is the word "yes")
+        out[key] = _coerce(key, value, f"--set {item}: ")
     return out

@@ -9,14 +9,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from tix import fs, templates
 from tix.errors import ConfigError, TixError
-from train.config import ConceptSpec, TrainConfig
+from train.config import ConceptSpec, TrainConfig, coerce, read_yaml
+
+if TYPE_CHECKING:
+    from tix.pipeline import StableDiffusion
 
 log = logging.getLogger("tix")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -45,19 +48,37 @@ def concept_specs(cfg: TrainConfig) -> list[ConceptSpec]:
     if not fs.is_dir(root):
         raise ConfigError(f"--concepts {root}: not a folder; it should hold one subfolder of images per concept")
     specs = []
-    for folder in (p for p in fs.listdir(root) if not p.name.startswith(".") and p.is_dir()):
+    folders = [p for p in fs.listdir(root) if not p.name.startswith(".") and p.is_dir()]
+    _refuse_case_twins(root, folders)
+    for folder in folders:
         spec = ConceptSpec(token=f"<{folder.name}>", images=str(folder))
         meta = folder / CONCEPT_FILE
         if meta.exists():
-            values = yaml.safe_load(fs.read_text(meta)) or {}
+            values = read_yaml(meta, fs.read_text(meta)) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{meta} must hold a mapping of concept fields, e.g. 'init: cat'")
             unknown = set(values) - CONCEPT_FIELDS
             if unknown:
                 raise ConfigError(f"{meta}: unknown fields {sorted(unknown)}; allowed: {sorted(CONCEPT_FIELDS)}")
+            values = {k: coerce(ConceptSpec, k, v, f"{meta}: ") for k, v in values.items()}
             spec = dataclasses.replace(spec, **values)
         specs.append(spec)
     if not specs:
         raise ConfigError(f"--concepts {root}: no concept subfolders found")
     return specs
+
+
+def _refuse_case_twins(root: fs.Path, folders: list[fs.Path]) -> None:
+    """CLIP lower-cases prompts, so `<Heart>` and `<heart>` would be one token: two folders must not differ only in
+    case."""
+    seen: dict[str, fs.Path] = {}
+    for folder in folders:
+        twin = seen.setdefault(folder.name.lower(), folder)
+        if twin is not folder:
+            raise ConfigError(
+                f"--concepts {root}: subfolders {twin.name!r} and {folder.name!r} differ only in case, but tokens "
+                f"ignore case (the tokenizer lower-cases prompts), so both would be one token; rename or merge one"
+            )
 
 
 def resolve_concept(spec: ConceptSpec, cfg: TrainConfig) -> Concept:
@@ -104,6 +125,22 @@ def training_prompts(prompts: tuple[str, ...], token: str, image_tokens: list[st
     return plain + [f"{p} with {s}" for p in plain for s in image_tokens]
 
 
+def check_prompts_fit(sd: StableDiffusion, concept: Concept) -> None:
+    """Refuse a concept whose longest prompt, with the token spelled out as its vectors, is longer than the text
+    encoder reads: the cut-off end would silently drop vectors (or caption words) from training."""
+    prompts = [p.format(concept.token) for p in concept.prompts]
+    counts = sd.token_counts(prompts)
+    worst = int(np.argmax(counts))
+    excess = counts[worst] - sd.max_length
+    if excess > 0:
+        fewer = f"--vectors {concept.vectors - excess} or fewer, or " if concept.vectors > excess else ""
+        raise ConfigError(
+            f"{concept.token}: with its {concept.vectors} vector(s) the prompt {concept.prompts[worst]!r} takes "
+            f"{counts[worst]} tokens, but the text encoder reads at most {sd.max_length} (start and end included); "
+            f"use {fewer}shorter prompts or captions"
+        )
+
+
 def _caption_template(path: fs.Path, token: str) -> str:
     text = fs.read_text(path).strip()
     if token not in text and "{}" not in text:
@@ -122,10 +159,22 @@ def load_image(path: fs.PathLike) -> Image.Image | None:
                 rgba = im.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, rgba).convert("RGB")
-            return im.convert("RGB")  # grayscale, CMYK, palette, 16-bit
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+            if im.mode.startswith("I"):  # 16-bit (and 32-bit integer) greyscale: convert("RGB") would clip at 255
+                return _grey_to_rgb(im)
+            return im.convert("RGB")  # 8-bit greyscale, CMYK, palette; 16-bit RGB(A) already opens as 8-bit
+    except Exception as err:
+        # Not only UnidentifiedImageError/OSError: Pillow's decoders raise whatever their parser hits on damaged bytes
+        # (SyntaxError, struct.error, IndexError, ...), and one bad file must not stop a run.
+        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=2)
         return None
+
+
+def _grey_to_rgb(image: Image.Image) -> Image.Image:
+    """An integer greyscale image scaled from its bit depth (16-bit: 0..65535) to 8 bits."""
+    values = np.asarray(image).astype(np.float64)
+    top = 65535.0 if values.max(initial=0) <= 65535 else float(values.max())
+    grey = np.round(np.clip(values, 0, None) * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def crops(

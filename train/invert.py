@@ -181,6 +181,7 @@ def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
         else:
             init = init_vectors(sd, concept.init, concept.vectors)
         sd.add_tokens(concept.token, init)
+        data.check_prompts_fit(sd, concept)
         if cfg.per_image_tokens:
             # Training devices only: registered after the token, so its rows and theirs are one block of ids; each
             # starts from the token's first vector; never exported.
