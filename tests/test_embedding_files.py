@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import tix
 from tix import embedding_files as ef
 from tix.errors import TixError
 
@@ -46,6 +47,8 @@ def test_round_trip(tmp_path, fmt, pickled, widths):
     original = concept("<my-thing>", widths, n=3)
     files = ef.write(original, tmp_path / "out", fmt, torch_pickle=pickled)
     assert all(f.suffix == (".safetensors" if not pickled else ".bin" if fmt == "diffusers" else ".pt") for f in files)
+    # Named after the token, the word front-ends take from the file name.
+    assert (files[0].parent.name if fmt == "diffusers" else files[0].stem) == "my-thing"
     # A folder read and a file read agree; SDXL diffusers exports are the two-file form.
     for source in (tmp_path / "out", files[0], files[-1]):
         (back,) = ef.read(source)
@@ -66,8 +69,8 @@ def test_file_contents_match_the_published_layouts(tmp_path):
     assert set(load_file(f)) == {"<tok>"}
     from safetensors import safe_open
 
-    with safe_open(f, "np") as h:
-        assert h.metadata() == {"format": "pt"}
+    with safe_open(f, "np") as h:  # diffusers' format tag, then what tix knows (nothing yet of this concept's making)
+        assert h.metadata() == {"format": "pt", "token": "<tok>", "vectors": "2", "tix_version": tix.__version__}
     f1, f2 = ef.write(xl, tmp_path / "learned_embeds-steps-500.safetensors", "diffusers")
     assert f2.name == "learned_embeds_2-steps-500.safetensors"
     assert load_file(f1)["<tok>"].shape == (2, 768) and load_file(f2)["<tok>"].shape == (2, 1280)
@@ -83,14 +86,75 @@ def test_file_contents_match_the_published_layouts(tmp_path):
 
     import torch
 
-    (a,) = ef.write(sd, tmp_path / "a1", "a1111", step=1500, sd_checkpoint="abcdef1234", sd_checkpoint_name="v1-5")
+    made = ef.Provenance(steps=1500, model="v1-5", model_hash="abcdef1234")
+    (a,) = ef.write(ef.Concept("<tok>", sd.vectors, made), tmp_path / "a1", "a1111", torch_pickle=True)
     assert a.name == "tok.pt"
     data = torch.load(a, weights_only=True)
     assert data["string_to_token"] == {"*": 265} and data["name"] == "<tok>" and data["step"] == 1500
     assert data["sd_checkpoint"] == "abcdef1234" and data["sd_checkpoint_name"] == "v1-5"
     np.testing.assert_array_equal(data["string_to_param"]["*"].numpy(), sd.vectors["text_encoder"])
+    assert ef.read(a)[0].provenance == made
     with pytest.raises(TixError, match="contradicts"):
         ef.write(sd, tmp_path / "x.pt", "kohya", torch_pickle=False)
+
+
+@pytest.mark.parametrize("widths", [(768,), (768, 1280)], ids=["sd", "sdxl"])
+def test_provenance_travels_where_the_format_has_a_place(tmp_path, widths):
+    made = ef.Provenance(steps=400, model="stable-diffusion-v1-5", model_hash="0123456789abcdef")
+    c = ef.Concept("<my-heart>", concept("x", widths).vectors, made)
+    for fmt in ef.FORMATS:
+        for pickled in (False, True):
+            files = ef.write(c, tmp_path / f"{fmt}-{pickled}", fmt, torch_pickle=pickled)
+            (back,) = ef.read(files[0])
+            # Pickles other than A1111's SD 1/2 .pt must hold their tensors alone (front-ends refuse extra keys).
+            has_place = not pickled or (fmt == "a1111" and len(widths) == 1)
+            assert back.provenance == (made if has_place else ef.Provenance()), (fmt, pickled)
+            if not pickled:
+                from safetensors import safe_open
+
+                with safe_open(files[-1], "np") as h:
+                    meta = h.metadata()
+                assert meta == {"format": "pt", "token": "<my-heart>", "vectors": "2", "steps": "400",
+                                "model": "stable-diffusion-v1-5", "model_hash": "0123456789abcdef",
+                                "tix_version": tix.__version__}
+    with pytest.raises(TixError, match="non-negative int"):
+        ef.Provenance(steps=-1)
+
+
+def test_name_picks_the_file_name(tmp_path):
+    c = concept("<my-heart>", (8,))
+    assert ef.write(c, tmp_path, "kohya")[0] == tmp_path / "my-heart.safetensors"
+    assert ef.write(c, tmp_path, "a1111", name="heart", torch_pickle=True)[0] == tmp_path / "heart.pt"
+    assert ef.write(c, tmp_path, "diffusers")[0] == tmp_path / "my-heart" / "learned_embeds.safetensors"
+    assert ef.write(c, tmp_path, "diffusers", name="h2")[0] == tmp_path / "h2" / "learned_embeds.safetensors"
+    # Two diffusers exports in one folder no longer collide.
+    assert {x.token for x in ef.read(tmp_path / "my-heart")} == {"<my-heart>"}
+    with pytest.raises(TixError, match="e.g. 'a_b'"):
+        ef.write(c, tmp_path, "kohya", name="a/b")
+    with pytest.raises(TixError, match="one concept"):
+        ef.write([c, concept("<b>", (8,))], tmp_path, "kohya", name="x")
+    with pytest.raises(TixError, match="both the path"):
+        ef.write(c, tmp_path / "f.safetensors", "kohya", name="x")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_files_get_the_umask_mode(tmp_path, umask):
+    from tix import fs
+
+    old = os.umask(umask)
+    try:
+        files = ef.write([concept("<a>", (8, 12)), concept("<b>", (8, 12))], tmp_path / "d", "diffusers")
+        files += ef.write(concept("<c>", (8,)), tmp_path / "k", "a1111", torch_pickle=True)
+        files.append(fs.write_text(tmp_path / "report.html", "<p>"))
+        files += ef.write(concept("<a>", (8, 12)), tmp_path / "d", "diffusers")  # replacing files: the same rule
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")  # what open() gives, for comparison
+    finally:
+        os.umask(old)
+    assert len(files) == 8
+    for f in files:
+        assert os.stat(f).st_mode & 0o777 == 0o666 & ~umask == os.stat(plain).st_mode & 0o777, f
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,10 +386,11 @@ def test_without_torch(tmp_path, monkeypatch):
     with pytest.raises(TixError, match=r"install torch.*safetensors"):
         ef.read(pt)
     with pytest.raises(TixError, match=r"install torch.*safetensors"):
-        ef.write(c, tmp_path / "b", "a1111")  # A1111's native .pt
+        ef.write(c, tmp_path / "b", "a1111", torch_pickle=True)  # A1111's native .pt
     with pytest.raises(TixError, match="torch_pickle=False"):
         ef.write(c, tmp_path / "c", "diffusers", torch_pickle=True)
-    files = ef.write(c, tmp_path / "d", "a1111", torch_pickle=False)
+    files = ef.write(c, tmp_path / "d", "a1111")  # the default needs no torch
+    assert files[0].suffix == ".safetensors"
     assert_same(c, ef.read(files[0])[0])
 
 
@@ -372,8 +437,8 @@ def test_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ef.write(concept("<t>", (8, 12)), tmp_path / "o", "diffusers")
     assert [f.read_bytes() for f in files] == before
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["learned_embeds.safetensors",
-                                                                  "learned_embeds_2.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "o" / "t").iterdir()) == ["learned_embeds.safetensors",
+                                                                        "learned_embeds_2.safetensors"]
     assert_same(old, ef.read(tmp_path / "o")[0])
 
     (pt,) = ef.write(old_sd := concept("<s>", (8,)), tmp_path / "s.pt", "a1111")

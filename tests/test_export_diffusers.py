@@ -299,7 +299,7 @@ def test_multi_vector_naming_matches_diffusers(sd1, tiny_dirs, tmp_path):
 def test_cli_generate_with_embeddings(tiny_dirs, tmp_path):
     folder = tiny_dirs("sd1")
     diffusers_file = ef.write(_random_concept("<gen>", [32], 2, 3), tmp_path / "gen", "diffusers")[0]
-    a1111_file = ef.write(_random_concept("<old>", [32], 1, 4), tmp_path / "old", "a1111")[0]
+    a1111_file = ef.write(_random_concept("<old>", [32], 1, 4), tmp_path / "old", "a1111", torch_pickle=True)[0]
     assert a1111_file.suffix == ".pt"
     out = tmp_path / "images"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

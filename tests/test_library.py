@@ -18,7 +18,7 @@ import pytest
 import tix
 from tix import embedding_files as ef
 from tix.errors import TixError
-from tix.library import META_FIELDS, Library, add_run, table_hash
+from tix.library import META_FIELDS, Library, add_run, model_name, run_provenance, table_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,6 +146,22 @@ def test_add_run_records_provenance(tmp_path):
     assert meta["steps"] == 123 and meta["lr"] == 5e-4 and meta["init"] == "cat" and meta["style"] is False
     assert len(meta["images_hash"]) == 16
     assert table_hash(table) != table_hash(table + 1e-3)
+    # What the run's own exports record is what its library entry says.
+    assert run_provenance(sd, cfg) == entry.concept.provenance == ef.Provenance(123, "some/model", table_hash(table))
+
+    # A local model folder is recorded by its absolute path, and exports name it by the folder's own name only.
+    model = tmp_path / "models" / "my-sd15"
+    model.mkdir(parents=True)
+    os.chdir(tmp_path)
+    try:
+        local = SimpleNamespace(**{**vars(sd), "source": "models/my-sd15"})
+        add_run(tmp_path / "run2", local, cfg, prepared, learned)
+    finally:
+        os.chdir(ROOT)
+    (entry,) = Library(tmp_path / "run2").entries()
+    assert entry.meta["base_model"] == str(model) and entry.concept.provenance.model == "my-sd15"
+    assert model_name("stabilityai/stable-diffusion-2-1") == "stabilityai/stable-diffusion-2-1"
+    assert model_name("gs://bucket/models/sd15") == "sd15" and model_name(None) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,7 +171,8 @@ def test_add_run_records_provenance(tmp_path):
 @pytest.fixture
 def library(tmp_path):
     lib = Library(tmp_path / "lib")
-    lib.add(concept("<cat>", 0), {"family": "sd1", "base_model": "tiny/sd1"})
+    lib.add(concept("<cat>", 0), {"family": "sd1", "base_model": "/models/sd1-tiny", "steps": 250,
+                                  "table_hash": {"text_encoder": "00ff00ff00ff00ff"}})
     lib.add(concept("<style>", 2), {"family": "sd1", "base_model": "tiny/sd1"})
     lib.add(concept("<xl>", 1, (32, 48)), {"family": "sdxl", "base_model": "tiny/sdxl"})
     return lib
@@ -169,6 +186,8 @@ def test_concepts_commands(library, tmp_path):
     shown = _cli("concepts", "show", library.root, "<xl>").stdout
     assert "token: <xl>" in shown and "family: sdxl" in shown
     assert "text_encoder: 2 x 32" in shown and "text_encoder_2: 2 x 48" in shown
+    shown = _cli("concepts", "show", library.root, "<cat>").stdout
+    assert "exports record: step 250, model sd1-tiny, model hash 00ff00ff00ff00ff" in shown
 
     assert "removed <style>" in _cli("concepts", "rm", library.root, "<style>").stdout
     assert [e.concept.token for e in library.entries()] == ["<cat>", "<xl>"]
@@ -203,7 +222,10 @@ def test_export_library_and_run(library, tmp_path):
         assert sorted(got) == sorted(want)
         for token, c in want.items():
             assert_same(got[token], c)
-    assert sorted(p.name for p in (tmp_path / "export-a1111").iterdir()) == ["cat.pt", "style.pt", "xl.safetensors"]
+    # Files named after the tokens (the word A1111 and ComfyUI prompts type), safetensors unless asked otherwise.
+    assert sorted(p.name for p in (tmp_path / "export-a1111").iterdir()) == ["cat.safetensors", "style.safetensors",
+                                                                             "xl.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export-diffusers").iterdir()) == ["cat", "style", "xl"]
 
     # A run folder (its library is run/tokens) with --token, to a single file.
     run = tmp_path / "run"
@@ -220,6 +242,31 @@ def test_export_library_and_run(library, tmp_path):
 
     nothing = _cli("export", tmp_path / "empty", "--out", tmp_path / "x", check=False)
     assert nothing.returncode == 2 and "no learned concepts" in nothing.stderr
+
+
+def test_export_records_steps_and_model(library, tmp_path):
+    """The library's provenance reaches every export with a place for it: A1111's .pt fields, safetensors metadata."""
+    from safetensors import safe_open
+
+    out = tmp_path / "a"
+    proc = _cli("export", library.root, "--format", "a1111", "--token", "<cat>", "--torch-pickle", "--out", out)
+    assert proc.stdout.split() == [str(out / "cat.pt")]
+    assert "<cat>: type cat in AUTOMATIC1111, embedding:cat in ComfyUI" in proc.stderr
+    import torch
+
+    data = torch.load(out / "cat.pt", weights_only=True)
+    assert (data["step"], data["sd_checkpoint_name"], data["sd_checkpoint"]) == (250, "sd1-tiny", "00ff00ff00ff00ff")
+    assert ef.read(out / "cat.pt")[0].provenance == ef.Provenance(250, "sd1-tiny", "00ff00ff00ff00ff")
+
+    # --name picks the file (and so the prompt word); diffusers goes into a folder of that name.
+    (written,) = _cli("export", library.root, "--format", "diffusers", "--token", "<cat>", "--name", "kitty",
+                      "--out", tmp_path / "d").stdout.split()
+    assert written == str(tmp_path / "d" / "kitty" / "learned_embeds.safetensors")
+    with safe_open(written, "np") as h:
+        meta = h.metadata()
+    assert meta["steps"] == "250" and meta["model"] == "sd1-tiny" and meta["model_hash"] == "00ff00ff00ff00ff"
+    several = _cli("export", library.root, "--name", "x", "--out", tmp_path / "e", check=False)
+    assert several.returncode == 2 and "one concept" in several.stderr and "Traceback" not in several.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tix.errors import TixError
 
+log = logging.getLogger("tix.cli")
+
 
 def _check_generate_args(args: argparse.Namespace) -> None:
     if args.n < 1:
@@ -113,10 +115,25 @@ def _export(args: argparse.Namespace) -> None:
         entries = [e for e in entries if e.concept.token == args.token]
         if not entries:
             raise TixError(f"{source} has no token {args.token!r}; it holds: {', '.join(known)}")
-    written = embedding_files.write([e.concept for e in entries] if len(entries) > 1 else entries[0].concept,
-                                    args.out, format=args.format, torch_pickle=args.torch_pickle or None)
+    concepts = [e.concept for e in entries]
+    written = embedding_files.write(concepts if len(concepts) > 1 else concepts[0], args.out, format=args.format,
+                                    torch_pickle=args.torch_pickle or None, name=args.name)
     for path in written:
         print(path)
+    if args.format != "diffusers":
+        # One file per concept. stdout stays the list of files (for scripts); the prompt words go to the log (stderr).
+        for concept, path in zip(concepts, written, strict=True):
+            log.info("%s: type %s in AUTOMATIC1111, embedding:%s in ComfyUI", concept.token, path.stem, path.stem)
+
+
+def _show(entry) -> None:
+    for key, value in entry.meta.items():
+        print(f"{key}: {value}")
+    for name, vectors in entry.concept.vectors.items():
+        print(f"{name}: {vectors.shape[0]} x {vectors.shape[1]}, norm {float((vectors ** 2).sum() ** 0.5):.4f}")
+    made = entry.concept.provenance
+    print(f"exports record: step {made.steps}, model {made.model}, model hash {made.model_hash} "
+          "(A1111 .pt: step, sd_checkpoint_name, sd_checkpoint; .safetensors metadata: steps, model, model_hash)")
 
 
 def _concepts(args: argparse.Namespace) -> None:
@@ -140,11 +157,7 @@ def _concepts(args: argparse.Namespace) -> None:
             m = entry.meta
             print(f"{entry.concept.token}\t{m.get('family')}\t{entry.concept.num_vectors} vec\t{m.get('base_model')}")
     elif args.action == "show":
-        entry = library.get(args.token)
-        for key, value in entry.meta.items():
-            print(f"{key}: {value}")
-        for name, vectors in entry.concept.vectors.items():
-            print(f"{name}: {vectors.shape[0]} x {vectors.shape[1]}, norm {float((vectors ** 2).sum() ** 0.5):.4f}")
+        _show(library.get(args.token))
     elif args.action == "rm":
         library.remove(args.token)
         print(f"removed {args.token}")
@@ -209,8 +222,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="run folder, concept library, or one concept (with --token)")
     e.add_argument("--format", default="diffusers", choices=["diffusers", "a1111", "kohya"])
     e.add_argument("--token", help="only this concept")
-    e.add_argument("--torch-pickle", action="store_true", help="write torch pickles (.bin/.pt) instead of safetensors")
-    e.add_argument("--out", required=True)
+    e.add_argument("--torch-pickle", action="store_true",
+                   help="write torch pickles (.bin/.pt; A1111's own .pt for --format a1111) instead of safetensors")
+    e.add_argument("--out", required=True, help="a folder (files named after each token), or a .safetensors/.pt/.bin "
+                   "file for one concept")
+    e.add_argument("--name", help="one concept: the file name to use instead of the token's (the word A1111 and "
+                   "ComfyUI prompts type)")
     e.set_defaults(fn=_export)
 
     c = sub.add_parser("concepts", help="manage a concept library")

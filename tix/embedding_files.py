@@ -7,16 +7,24 @@ encoder, its vectors as float32 ``[n, D]``. Encoder keys are the diffusers compo
   encoder (CLIP-L, 768), which SDXL files call ``clip_l``.
 - ``"text_encoder_2"``: SDXL's second encoder (OpenCLIP-bigG, 1280), which SDXL files call ``clip_g``.
 
-Formats written by `write` (see the table in the shared formats reference):
+Formats written by `write` (see the table in the shared formats reference). Front-ends take the prompt word from the
+file name, so exports are named after the token (``<my-heart>`` -> ``my-heart.safetensors``):
 
-- ``"diffusers"``: ``{token: [n, D]}`` in ``learned_embeds.safetensors`` (metadata ``{"format": "pt"}``) or, with
-  ``torch_pickle=True``, ``learned_embeds.bin``; SDXL is the two-file form of diffusers' SDXL script
-  (``learned_embeds.safetensors`` for text_encoder and ``learned_embeds_2.safetensors`` for text_encoder_2).
-- ``"a1111"``: SD 1/2 default is AUTOMATIC1111's own ``.pt`` (``string_to_param``, ``name``, ``step``, ...); as
-  ``.safetensors`` it is ``{"emb_params": [n, D]}``, which A1111 reads as a one-term file.
-  SDXL: ``{"clip_l", "clip_g"}``.
+- ``"diffusers"``: ``{token: [n, D]}`` in ``<name>/learned_embeds.safetensors`` or, with ``torch_pickle=True``,
+  ``learned_embeds.bin``; SDXL is the two-file form of diffusers' SDXL script (``learned_embeds.safetensors`` for
+  text_encoder and ``learned_embeds_2.safetensors`` for text_encoder_2), which only diffusers loads.
+- ``"a1111"``: ``<name>.safetensors`` holding ``{"emb_params": [n, D]}`` (AUTOMATIC1111 and ComfyUI read it as a
+  one-term file); with ``torch_pickle`` AUTOMATIC1111's own ``.pt`` (``string_to_param``, ``name``, ``step``,
+  ``sd_checkpoint``, ``sd_checkpoint_name``). SDXL: ``{"clip_l", "clip_g"}``.
 - ``"kohya"``: ``{"emb_params": [n, D]}`` (``.safetensors`` default, ``.pt`` with torch_pickle); SDXL
   ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``, the file A1111 and ComfyUI load for SDXL.
+
+Every ``.safetensors`` file also carries the concept's `Provenance` in its metadata (token, steps, model, model hash,
+vectors, tix version); A1111's ``.pt`` has fields for steps and model. Other pickles (kohya, diffusers ``.bin``,
+SDXL) must hold their tensors alone, or the front-ends refuse them. Pickles are written in torch's legacy (non-zip)
+serialization: AUTOMATIC1111's safe-unpickler gate accepts only the zip members ``data.pkl``, ``version`` and
+``data/N``, and current torch.save adds others (``.format_version``, ``byteorder``, ...), so the zip form would be
+refused with A1111's default settings.
 
 `read` detects the format from the file's bytes, not its name, and also reads the paper's ``embeddings.pt`` (a pickled
 ``ParameterDict``), the diffusers Flax example's ``learned_embeds.npy`` (a pickled object array), A1111 PNGs with an
@@ -46,6 +54,7 @@ from typing import IO, Any
 
 import numpy as np
 
+import tix
 from tix import fs
 from tix.errors import ConfigError, TixError
 from tix.fs import Path
@@ -67,9 +76,30 @@ class EmbeddingFileError(TixError, ValueError):
     """An embedding file tix cannot read or write, or an embedding that does not fit a model."""
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """How a concept was made, as exported files record it; None where unknown.
+
+    `steps`: optimizer steps trained (A1111's ``step``, which it shows and resumes its own training from). `model`:
+    the base model as its users name it (a Hub id, or a local folder's own name; A1111's ``sd_checkpoint_name``).
+    `model_hash`: `tix.library.table_hash` of the model's first text encoder token table (A1111's ``sd_checkpoint``
+    field; A1111 itself puts a checkpoint file's sha256 there, which a diffusers folder does not have).
+    """
+
+    steps: int | None = None
+    model: str | None = None
+    model_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 0):
+            raise EmbeddingFileError(f"provenance steps must be a non-negative int, got {self.steps!r}")
+
+
 @dataclass(frozen=True, eq=False)
 class Concept:
-    """A learned token and its vectors per text encoder (keys in `ENCODERS`, values float32 ``[n, D]``).
+    """A learned token and its vectors per text encoder (keys in `ENCODERS`, values float32 ``[n, D]``), and what is
+    known of how it was made.
 
     ``[D]`` is accepted as one vector. SD 1/2 concepts have only ``text_encoder``; SDXL concepts have both encoders
     with the same n.
@@ -77,6 +107,7 @@ class Concept:
 
     token: str
     vectors: Mapping[str, np.ndarray]
+    provenance: Provenance = Provenance()
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token:
@@ -117,7 +148,7 @@ class Concept:
 
     def __repr__(self) -> str:
         shapes = {name: tuple(v.shape) for name, v in self.vectors.items()}
-        return f"Concept(token={self.token!r}, vectors={shapes})"
+        return f"Concept(token={self.token!r}, vectors={shapes}, provenance={self.provenance})"
 
 
 def _as_vectors(value: Any, what: str) -> np.ndarray:
@@ -242,7 +273,9 @@ def _dump_torch(f: IO[bytes], obj: Any) -> None:
             return {k: convert(v) for k, v in value.items()}
         return value
 
-    torch.save(convert(obj), f)
+    # The legacy (non-zip) layout: AUTOMATIC1111's safe unpickler refuses the extra zip members of current torch.save
+    # (see the module docstring); torch.load, weights_only included, and ComfyUI read both layouts.
+    torch.save(convert(obj), f, _use_new_zipfile_serialization=False)
 
 
 def _atomic_write(jobs: list[tuple[Path, Callable[[IO[bytes]], None]]]) -> None:
@@ -274,28 +307,39 @@ def _primary_name(name: str) -> str | None:
     return None
 
 
-def _payloads(concept: Concept, format: str, pickled: bool, step: int, sd_checkpoint: str | None,
-              sd_checkpoint_name: str | None) -> list[tuple[dict[str, Any], dict[str, str]]]:
+def _metadata(concept: Concept) -> dict[str, str]:
+    """safetensors metadata (strings only): diffusers' ``format`` tag, then what tix knows of the concept. The token
+    travels here because emb_params / clip_l+clip_g files are keyed by fixed names and front-ends take the prompt word
+    from the file name; tix's reader prefers the original token."""
+    p = concept.provenance
+    meta = {"format": "pt", "token": concept.token, "vectors": str(concept.num_vectors),
+            "tix_version": tix.__version__}
+    for key, value in (("steps", p.steps), ("model", p.model), ("model_hash", p.model_hash)):
+        if value is not None:
+            meta[key] = str(value)
+    return meta
+
+
+def _payloads(concept: Concept, format: str, pickled: bool) -> list[tuple[dict[str, Any], dict[str, str]]]:
     """The contents of the file(s) for one concept: (tensors/object, safetensors metadata) per file."""
     te = concept.vectors["text_encoder"]
+    meta = _metadata(concept)
     if format == "diffusers":
-        files = [({concept.token: te}, {"format": "pt"})]
+        files = [({concept.token: te}, meta)]
         if concept.is_sdxl:
-            files.append(({concept.token: concept.vectors["text_encoder_2"]}, {"format": "pt"}))
+            files.append(({concept.token: concept.vectors["text_encoder_2"]}, meta))
         return files
-    # The token travels in the metadata because these files are keyed by a fixed name and front-ends take the
-    # prompt word from the (sanitized) file name; tix's reader prefers the original token.
-    meta = {"format": "pt", "name": concept.token}
     if concept.is_sdxl:
         return [({"clip_l": te, "clip_g": concept.vectors["text_encoder_2"]}, meta)]
     if format == "a1111" and pickled:
+        p = concept.provenance
         return [({
             "string_to_token": {"*": _A1111_TOKEN_ID},
             "string_to_param": {"*": te},
-            "name": concept.token,
-            "step": int(step),
-            "sd_checkpoint": sd_checkpoint,
-            "sd_checkpoint_name": sd_checkpoint_name,
+            "name": concept.token,  # what diffusers and tix take as the token; A1111 prompts use the file name
+            "step": p.steps,
+            "sd_checkpoint": p.model_hash,
+            "sd_checkpoint_name": p.model,
         }, meta)]
     return [({"emb_params": te}, meta)]
 
@@ -306,35 +350,7 @@ def _suffix(format: str, pickled: bool) -> str:
     return ".bin" if format == "diffusers" else ".pt"
 
 
-def write(
-    concepts: Concept | Iterable[Concept],
-    path: str | os.PathLike,
-    format: str = "diffusers",
-    *,
-    torch_pickle: bool | None = None,
-    step: int = 0,
-    sd_checkpoint: str | None = None,
-    sd_checkpoint_name: str | None = None,
-) -> list[Path]:
-    """Export concept(s) in `format` ("diffusers", "a1111" or "kohya"); returns the files written.
-
-    One `Concept` and a `path` ending in .safetensors/.pt/.bin: that file (the suffix picks safetensors or a torch
-    pickle; a diffusers SDXL concept also writes its ``_2`` partner, e.g. learned_embeds_2.safetensors). One `Concept`
-    and any other path: a folder, holding ``learned_embeds.*`` for diffusers or ``<token>.*`` otherwise. Several
-    concepts: a folder with one file per concept (one subfolder with ``learned_embeds.*`` for diffusers), named by
-    `output_stems` so no token can escape the folder or collide.
-
-    `torch_pickle` (default: True only for a1111 SD 1/2, whose native file is a .pt) writes torch.save pickles, which
-    needs torch. `step`, `sd_checkpoint` (A1111's short model hash) and `sd_checkpoint_name` go into a1111 .pt files.
-    Every file is written atomically (locally a temporary file in the same folder, then os.replace; on gs:// whole
-    objects). Writing an SD 1/2 concept in diffusers form over an SDXL export removes the now stale
-    ``learned_embeds_2`` file. `path` may be local or remote (gs://...).
-    """
-    if format not in FORMATS:
-        raise EmbeddingFileError(f"unknown embedding format {format!r}; choose one of {list(FORMATS)}")
-    path = fs.path(path)
-    single = isinstance(concepts, Concept)
-    items = [concepts] if single else list(concepts)
+def _check_concepts(items: list[Any]) -> None:
     if not items:
         raise EmbeddingFileError("no concepts to write")
     for item in items:
@@ -351,13 +367,26 @@ def write(
     if duplicates:
         raise EmbeddingFileError(f"several concepts share the token(s) {duplicates}; tokens must be unique")
 
+
+def _destinations(items: list[Concept], path: Path, format: str, torch_pickle: bool | None, name: str | None,
+                  single: bool) -> list[tuple[Concept, Path, bool]]:
+    """(concept, first file, pickled) per concept: the file `path` names, or files named after the tokens in the
+    folder `path`."""
     suffix = path.suffix.lower()
     is_dir = fs.is_dir(path)
     as_file = single and suffix in (".safetensors", ".pt", ".bin") and not is_dir
     if not as_file and not is_dir and fs.exists(path):
         raise EmbeddingFileError(f"{path} is a file; writing {len(items)} concept(s) needs a folder path")
-
-    destinations: list[tuple[Concept, Path, bool]] = []
+    if name is not None:
+        if not single:
+            raise EmbeddingFileError(f"a file name ({name!r}) names one concept's files; {len(items)} concepts are "
+                                     "named after their tokens, so leave the name out or export one token")
+        if as_file:
+            raise EmbeddingFileError(f"both the path {path.name!r} and the name {name!r} name the file; give a folder "
+                                     "path with the name, or the file path alone")
+        if safe_stem(name) != name:
+            raise EmbeddingFileError(f"{name!r} cannot be a file name on every system; use letters, digits, '.', '_' "
+                                     f"and '-' (not at either end), e.g. {safe_stem(name)!r}")
     if as_file:
         pickled = suffix != ".safetensors"
         if torch_pickle is not None and torch_pickle != pickled:
@@ -365,22 +394,50 @@ def write(
                 f"torch_pickle={torch_pickle} contradicts the file name {path.name!r}; use a .safetensors name for "
                 "safetensors or .pt/.bin for a torch pickle"
             )
-        destinations.append((items[0], path, pickled))
-    else:
-        for concept, stem in zip(items, output_stems(tokens), strict=True):
-            pickled = torch_pickle if torch_pickle is not None else (format == "a1111" and not concept.is_sdxl)
-            ext = _suffix(format, pickled)
-            if format == "diffusers":
-                folder = path if single else path / stem
-                destinations.append((concept, folder / f"learned_embeds{ext}", pickled))
-            else:
-                destinations.append((concept, path / f"{stem}{ext}", pickled))
+        return [(items[0], path, pickled)]
+    pickled = bool(torch_pickle)
+    ext = _suffix(format, pickled)
+    stems = [name] if name is not None else output_stems(c.token for c in items)
+    if format == "diffusers":
+        return [(c, path / stem / f"learned_embeds{ext}", pickled) for c, stem in zip(items, stems, strict=True)]
+    return [(c, path / f"{stem}{ext}", pickled) for c, stem in zip(items, stems, strict=True)]
+
+
+def write(
+    concepts: Concept | Iterable[Concept],
+    path: str | os.PathLike,
+    format: str = "diffusers",
+    *,
+    torch_pickle: bool | None = None,
+    name: str | None = None,
+) -> list[Path]:
+    """Export concept(s) in `format` ("diffusers", "a1111" or "kohya"); returns the files written.
+
+    One `Concept` and a `path` ending in .safetensors/.pt/.bin: that file (the suffix picks safetensors or a torch
+    pickle; a diffusers SDXL concept also writes its ``_2`` partner, e.g. learned_embeds_2.safetensors). Otherwise
+    `path` is a folder, holding per concept ``<stem>.safetensors`` (a1111, kohya) or ``<stem>/learned_embeds.*``
+    (diffusers), where the stem is `name` (one concept only) or the token made file-safe by `output_stems`
+    (``<my-heart>`` -> ``my-heart``): the word A1111 and ComfyUI prompts use, and no token can escape the folder or
+    collide.
+
+    `torch_pickle` writes torch pickles (.pt/.bin, needs torch) instead of safetensors. Each concept's `Provenance`
+    goes into the safetensors metadata and A1111's .pt fields. Every file is written atomically with the mode the
+    umask gives (see `tix.fs.write_files`). Writing an SD 1/2 concept in diffusers form over an SDXL export removes
+    the now stale ``learned_embeds_2`` file. `path` may be local or remote (gs://...).
+    """
+    if format not in FORMATS:
+        raise EmbeddingFileError(f"unknown embedding format {format!r}; choose one of {list(FORMATS)}")
+    path = fs.path(path)
+    single = isinstance(concepts, Concept)
+    items = [concepts] if single else list(concepts)
+    _check_concepts(items)
+    destinations = _destinations(items, path, format, torch_pickle, name, single)
 
     jobs: list[tuple[Path, Callable[[IO[bytes]], None]]] = []
     for concept, file, pickled in destinations:
         if pickled:
             _torch("writing a PyTorch pickle (.pt/.bin); pass torch_pickle=False or a .safetensors path instead")
-        payloads = _payloads(concept, format, pickled, step, sd_checkpoint, sd_checkpoint_name)
+        payloads = _payloads(concept, format, pickled)
         targets = [file] if len(payloads) == 1 else [file, file.with_name(_partner_name(file.name))]
         for target, (obj, meta) in zip(targets, payloads, strict=True):
             if pickled:
@@ -722,9 +779,35 @@ def _stack(tensors: dict[str, np.ndarray], parts: list[str], where: str) -> np.n
     return np.concatenate(pieces)
 
 
+def _count(value: Any) -> int | None:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _provenance(content: Any, metadata: Mapping[str, str]) -> Provenance:
+    """What a file records of its concept's making: tix's safetensors metadata, or A1111's .pt fields."""
+    if isinstance(content, dict) and "string_to_param" in content:
+        return Provenance(_count(content.get("step")), _text(content.get("sd_checkpoint_name")),
+                          _text(content.get("sd_checkpoint")))
+    return Provenance(_count(metadata.get("steps")), _text(metadata.get("model")), _text(metadata.get("model_hash")))
+
+
 def _concepts_from_content(content: Any, metadata: Mapping[str, str], path: Path, token: str | None) -> list[Concept]:
+    concepts = _concepts_without_provenance(content, metadata, path, token)
+    made = _provenance(content, metadata)
+    return [Concept(c.token, c.vectors, made) for c in concepts]
+
+
+def _concepts_without_provenance(content: Any, metadata: Mapping[str, str], path: Path,
+                                 token: str | None) -> list[Concept]:
     where = str(path)
-    fallback = metadata.get("name") or path.stem
+    # "name" is where tix wrote the token before it wrote "token".
+    fallback = metadata.get("token") or metadata.get("name") or path.stem
     if _is_array(content):
         if token is None:
             raise EmbeddingFileError(
@@ -790,7 +873,7 @@ def _read_file(path: Path, token: str | None) -> list[Concept]:
         c1 = _concepts_from_content(*_load(first), first, token) if first != path else concepts
         c2 = _concepts_from_content(*_load(second), second, token) if second != path else concepts
         return [Concept(c1[0].token, {"text_encoder": c1[0].vectors["text_encoder"],
-                                      "text_encoder_2": c2[0].vectors["text_encoder"]})]
+                                      "text_encoder_2": c2[0].vectors["text_encoder"]}, c1[0].provenance)]
     return concepts
 
 
@@ -840,7 +923,8 @@ def _read_folder(folder: Path, token: str | None) -> list[Concept]:
                     f"({concepts[0].token!r} and {other[0].token!r}); they are not one SDXL embedding"
                 )
             return [Concept(concepts[0].token, {"text_encoder": concepts[0].vectors["text_encoder"],
-                                                "text_encoder_2": other[0].vectors["text_encoder"]})]
+                                                "text_encoder_2": other[0].vectors["text_encoder"]},
+                            concepts[0].provenance)]
 
     # A folder of exports: one file per concept, or one diffusers subfolder per concept.
     concepts: list[Concept] = []

@@ -9,7 +9,8 @@ copy from here; nothing else in tix should call `open`, `pathlib.Path` or `shuti
 
 Writes never leave a partial file under the final name: locally the data goes to a temporary file in the same folder,
 is flushed to disk and renamed into place; an object store publishes a single-object write all at once, so there the
-object is written directly (a rename there is a copy, which is slower and no safer).
+object is written directly (a rename there is a copy, which is slower and no safer). Local files get the mode the
+umask gives, as open() would, not the 0600 of the temporary file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib.util
 import io
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING
 
@@ -176,6 +178,31 @@ def local_file(p: PathLike) -> Iterator[str]:
         os.unlink(tmp)
 
 
+def _umask() -> int:
+    # Linux reports the umask without changing it; elsewhere set-and-restore, which is safe while no other thread of
+    # this process creates files at that instant (locked so tix's own threads never race each other).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def new_file_mode() -> int:
+    """The permission bits a file created now with open() gets: 0o666 less the process umask (0644 under the usual
+    022), so exports in a shared folder or behind a web server are readable as the user's other files are."""
+    return 0o666 & ~_umask()
+
+
 def write_files(items: Sequence[tuple[PathLike, bytes]]) -> list[epath.Path]:
     """Write every (path, bytes), creating folders. Locally all files go to temporaries first and are renamed into
     place only once every one is complete, so a failure leaves the previous files untouched; on an object store each
@@ -192,6 +219,7 @@ def write_files(items: Sequence[tuple[PathLike, bytes]]) -> list[epath.Path]:
                 continue
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             temps.append((tmp, target))
+            os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; the file gets what open() would have given it
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

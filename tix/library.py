@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +23,7 @@ import orbax.checkpoint as ocp
 
 import tix
 from tix import fs
-from tix.embedding_files import Concept, safe_stem
+from tix.embedding_files import Concept, Provenance, safe_stem
 from tix.errors import TixError
 
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9._-]+-[0-9a-f]{8}")
@@ -44,6 +45,46 @@ def files_hash(paths: Iterable[fs.PathLike]) -> str:
         digest.update(path.name.encode())
         digest.update(fs.read_bytes(path))
     return digest.hexdigest()[:16]
+
+
+def base_model(source: str) -> str:
+    """What the library records as a run's base model: a local folder as its absolute path (a relative one means
+    nothing once the working folder changes), a Hub id, "toyworld" or a gs:// path as given."""
+    if not fs.is_remote(source) and os.path.isdir(source):
+        return os.fspath(fs.absolute(source))
+    return source
+
+
+def model_name(base: str | None) -> str | None:
+    """The base model as exports name it (A1111's sd_checkpoint_name): a Hub id or "toyworld" as given, a folder by its
+    own name, never its full path (a shared embedding would publish the trainer's directory layout)."""
+    if not base:
+        return None
+    if fs.is_remote(base) or os.path.isabs(base) or base.startswith("."):
+        return fs.path(base).name or base
+    return base
+
+
+def provenance(meta: dict[str, Any]) -> Provenance:
+    """An entry's provenance, as its exported files record it."""
+    steps, hashes = meta.get("steps"), meta.get("table_hash")
+    return Provenance(steps=steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 else None,
+                      model=model_name(meta.get("base_model")),
+                      model_hash=hashes.get("text_encoder") if isinstance(hashes, dict) else None)
+
+
+def _run_meta(sd: Any, cfg: Any) -> dict[str, Any]:
+    """The provenance every concept of a run shares."""
+    from tix.models.clip import token_table
+
+    return {"base_model": base_model(sd.source), "family": sd.kind, "steps": cfg.steps, "lr": cfg.lr,
+            "table_hash": {side.name: table_hash(token_table(sd.params[side.name])) for side in sd.text}}
+
+
+def run_provenance(sd: Any, cfg: Any) -> Provenance:
+    """What a finished run's exports record: the steps it trained, its base model and the model's table hash (the
+    same facts `add_run` stores)."""
+    return provenance(_run_meta(sd, cfg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +145,7 @@ class Library:
         )
         vectors = {k: np.asarray(v, np.float32) for k, v in restored["vectors"].items()}
         meta = dict(restored["meta"])
-        return Entry(Concept(meta["token"], vectors), meta, folder)
+        return Entry(Concept(meta["token"], vectors, provenance(meta)), meta, folder)
 
     def get(self, token: str) -> Entry:
         # The folder name is a function of the token, so one concept is read without restoring all the others.
@@ -186,12 +227,9 @@ def add_run(
     """Record a finished run's concepts, with their provenance, in the library at `root`. Every process of a
     multi-host run calls this (orbax coordinates them); only process 0 writes."""
     library = Library(root)
-    from tix.models.clip import token_table
-
-    tables = {side.name: table_hash(token_table(sd.params[side.name])) for side in sd.text}
+    shared = _run_meta(sd, cfg)
     for p in prepared:
         c = p.concept
-        meta = {"base_model": sd.source, "family": sd.kind, "table_hash": tables, "init": c.init, "style": c.style,
-                "steps": cfg.steps, "lr": cfg.lr, "images_hash": files_hash(c.images)}
+        meta = {**shared, "init": c.init, "style": c.style, "images_hash": files_hash(c.images)}
         library.add(Concept(c.token, learned[c.token]), meta, replace=True)
     return library

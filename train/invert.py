@@ -532,7 +532,8 @@ def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, ou
 def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, learned: dict[str, dict[str, np.ndarray]]) -> None:
     from tix import embedding_files
 
-    concepts = [embedding_files.Concept(token, vectors) for token, vectors in learned.items()]
+    made = library.run_provenance(sd, cfg)  # steps and model, so the files say what the run's library says
+    concepts = [embedding_files.Concept(token, vectors, made) for token, vectors in learned.items()]
     if len(concepts) == 1:
         embedding_files.write(concepts[0], out / "learned_embeds.safetensors", format="diffusers")
     else:
