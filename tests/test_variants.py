@@ -141,7 +141,7 @@ def test_per_image_prompts_are_drawn_with_their_own_image():
     dual_b = row[b] >= 2
     assert np.all(np.where(dual_b, row[b] - 2, row[b]) == img[b])
     print(f"share of prompts naming the image's token: {dual_a.mean():.2f}, {dual_b.mean():.2f} (p = 0.5)")
-    assert 0.3 < dual_a.mean() < 0.7 and 0.3 < dual_b.mean() < 0.7
+    assert 0.2 < dual_a.mean() < 0.8 and 0.2 < dual_b.mean() < 0.8  # 64 draws each: +-0.06 is one sd
     # The other draws do not move: images, noise and timesteps as without per-image tokens, and the same prompts
     # wherever the image's token is not named.
     lat0, noise0, t0, (ids0,) = draw_batch(tables, plain, 1000, jnp.int32(3))
