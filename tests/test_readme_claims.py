@@ -14,8 +14,8 @@ import optax
 import pytest
 from PIL import Image
 
-import tix
 import train.invert as invert
+from tests.test_variants import _stand_in_step
 from tix import cli, templates
 from tix.schedule import min_snr_weight
 from train.config import TrainConfig, load_config
@@ -217,40 +217,30 @@ def test_horizontal_flip_probability(flip_p):
     assert abs(flipped - flip_p) < 0.05, flipped
 
 
-@pytest.fixture(scope="module")
-def step_setup(tiny_dirs, tmp_path_factory, concept_dir):
-    """A real one-concept table on the tiny SD1 model, as `tix invert` builds it."""
-    cfg = TrainConfig(model=str(tiny_dirs("sd1")), images=str(concept_dir), token="<thing>", init="cat",
-                      out=str(tmp_path_factory.mktemp("run")))
-    sd = tix.load(cfg.model)
-    prepared = invert.prepare_concepts(sd, cfg)
-    tables, _ = invert._tables(sd, cfg, prepared, 1, 1, sd.default_size, range(1))
-    vectors = tuple(jnp.asarray(v) for v in invert._initial_vectors(sd, prepared, 1, 1))
-    return sd, jax.tree.map(jnp.asarray, tables), vectors
-
-
-def test_min_snr_gamma_weights_the_per_sample_loss(step_setup):
-    sd, tables, vectors = step_setup
+def test_min_snr_gamma_weights_the_per_sample_loss():
+    sd, cfg, tables, vectors = _stand_in_step()  # a linear stand-in for the model: the loss's wiring is under test
     gamma = 5.0
-    cfg = StepConfig(32, 1, 0.5, gamma, None, sd.default_size)
-    _, per_concept = jax.jit(lambda v: loss_fn(v, sd, cfg, sd.params, tables, 11))(vectors)
+    cfg = cfg._replace(batch_size=32, min_snr_gamma=gamma)
+    params = {"table": sd.table}
+    _, per_concept = loss_fn(vectors, sd, cfg, params, tables, 11)
     latents, noise, t, ids = draw_batch(tables, cfg, sd.schedule.num_train_timesteps, 11)
     rows = tuple(v.reshape(-1, v.shape[-1]) for v in vectors)
-    plain = diffusion_loss(sd, sd.params, rows, sd.scale_latents(latents), noise, t, ids)
+    plain = diffusion_loss(sd, params, rows, sd.scale_latents(latents), noise, t, ids)
     weight = min_snr_weight(sd.schedule, t, gamma)
     assert float(jnp.min(weight)) < 0.9  # some draws are weighted down (else nothing is tested)
-    np.testing.assert_allclose(per_concept[0], jnp.mean(plain * weight), rtol=1e-5)
+    want = jnp.mean((plain * weight).reshape(per_concept.shape[0], -1), axis=1)
+    np.testing.assert_allclose(per_concept, want, rtol=1e-5)
 
 
-def test_gradient_accumulation_averages_micro_batches(step_setup):
-    sd, tables, vectors = step_setup
-    cfg = StepConfig(2, 2, 0.5, None, None, sd.default_size)
+def test_gradient_accumulation_averages_micro_batches():
+    sd, cfg, tables, vectors = _stand_in_step()
+    cfg = cfg._replace(grad_accum=2)
+    params = {"table": sd.table}
     sgd = optax.sgd(1.0)  # the update is minus the gradient it is given
     state = TrainState(vectors, sgd.init(vectors), jnp.zeros((), jnp.int32))
-    new, _ = jax.jit(lambda s: train_step(sd, cfg, sgd, s, sd.params, tables))(state)
-    grad = jax.jit(jax.grad(lambda v, k: loss_fn(v, sd, cfg, sd.params, tables, k)[0]))
+    new, _ = train_step(sd, cfg, sgd, state, params, tables)
+    grad = jax.grad(lambda v, k: loss_fn(v, sd, cfg, params, tables, k)[0])
     # Step 0 with two micro-batches draws at keys 0 and 1; the step applies their mean gradient.
     g0, g1 = grad(vectors, 0), grad(vectors, 1)
-    want = vectors[0] - (g0[0] + g1[0]) / 2
-    np.testing.assert_allclose(new.vectors[0], want, rtol=1e-5, atol=1e-9)
-    assert float(jnp.abs(g0[0] - g1[0]).max()) > 1e-6  # the micro-batches differ: the mean is not one of them
+    np.testing.assert_allclose(new.vectors[0], vectors[0] - (g0[0] + g1[0]) / 2, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g0[0] - g1[0]).max()) > 1e-4  # the micro-batches differ: the mean is not one of them
