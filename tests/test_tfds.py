@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tix.embedding_files import read
 from tix.errors import ConfigError, TixError
 from train.config import TrainConfig
 from train.data import concept_specs, resolve_concept
-from train.invert import run
 from train.tfds_concepts import MARKER, folder_names, materialize, parse_spec
 
 CLASSES = ["Red Square", "green/circle", "blue", "never seen"]  # the last has no example in any split
@@ -180,14 +180,19 @@ def test_spec_and_folder_names():
         "cat", "cat-1", "label-2", "great-white-shark", "a-b", "x"]
 
 
-def test_invert_one_concept_per_label(data_dir, tmp_path, tiny_dirs):
-    concepts = materialize("tix_tiny_shapes:train", tmp_path / "concepts", images_per_concept=1, data_dir=data_dir)
-    cfg = TrainConfig(model=str(tiny_dirs("sd1")), concepts=str(concepts), init="cat", out=str(tmp_path / "run"),
-                      steps=1, batch_size=1, validate_every=0, save_every=1000, log_every=1)
-    result = run(cfg, progress=False)
-    assert sorted(result.vectors) == ["<blue>", "<green-circle>", "<red-square>"]
-    for vectors in result.vectors.values():
-        assert np.isfinite(vectors["text_encoder"]).all()
+def test_invert_one_concept_per_label_through_the_cli(data_dir, tmp_path, tiny_dirs):
+    from tix.cli import main
+
+    main(["invert", "--model", str(tiny_dirs("sd1")), "--tfds", "tix_tiny_shapes:train", "--data-dir", str(data_dir),
+          "--images-per-concept", "1", "--tfds-cache", str(tmp_path / "cache"), "--init", "cat",
+          "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "1", "--validate-every", "0",
+          "--save-every", "1000"])
+    concepts = tmp_path / "cache" / "tix_tiny_shapes_train"
+    assert sorted(p.name for p in concepts.iterdir() if p.is_dir()) == ["blue", "green-circle", "red-square"]
+    learned = {c.token: c for c in read(tmp_path / "run" / "embeddings")}
+    assert sorted(learned) == ["<blue>", "<green-circle>", "<red-square>"]
+    for concept in learned.values():
+        assert np.isfinite(concept.vectors["text_encoder"]).all()
 
 
 def test_tix_does_not_import_tensorflow():

@@ -1,6 +1,5 @@
 """The toy world's generator, captions, concepts and attribute scorer."""
 
-import time
 from collections import Counter
 
 import numpy as np
@@ -69,15 +68,12 @@ def test_scorer_accuracy_64px():
         assert min(accuracy.values()) >= 0.98, accuracy
 
 
-def test_scorer_speed_and_determinism(held_out):
-    images = np.concatenate([held_out[0]] * 4)
-    scorer.score(images[:8])  # prototypes are built once per image size
-    start = time.perf_counter()
+def test_scorer_is_deterministic(held_out):
+    # Its speed is measured by benchmarks/scorer_speed.py, not asserted here.
+    images = np.concatenate([held_out[0]] * 2)
     first = scorer.score(images)
-    rate = len(images) / (time.perf_counter() - start)
-    print(f"\nscorer: {rate:.0f} images/s at 32 px")
-    assert rate > 300
     assert scorer.score(images[:50]) == first[:50]
+    assert first[:len(held_out[0])] == first[len(held_out[0]):]
 
 
 def test_scorer_empty_image_and_matches():
@@ -101,7 +97,9 @@ def test_determinism():
     assert a_captions == b_captions
     assert not np.array_equal(a_images, c_images) and a_captions != c_captions
     concept = world.benchmark_concepts()[0]
-    np.testing.assert_array_equal(world.concept_images(concept, 5, 3), world.concept_images(concept, 5, 3))
+    shots = world.concept_images(concept, 5, 3)
+    np.testing.assert_array_equal(shots, world.concept_images(concept, 5, 3))
+    assert not np.array_equal(shots, world.concept_images(concept, 5, 4))  # the seed picks the shots
 
 
 def test_render_sizes_and_margins(held_out):

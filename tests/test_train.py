@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 import tix
@@ -189,11 +190,21 @@ def test_interrupted_run_resumes_bitwise(tmp_path, tiny_dirs, images, how, unint
 
 @pytest.mark.parametrize("kind", ["sd2", "sdxl"])
 def test_other_families_train(tmp_path, tiny_dirs, images, kind):
-    result = run(_cfg(tmp_path, tiny_dirs(kind), images, steps=3), progress=False)
+    sd = tix.load(tiny_dirs(kind))
+    before = _flat(sd.params)
+    cfg = _cfg(tmp_path, tiny_dirs(kind), images, steps=20, batch_size=4, lr=5e-3, seed=1)
+    result = run(cfg, sd, progress=False)
+    for a, b in zip(before, _flat(sd.params), strict=True):
+        np.testing.assert_array_equal(a, b)
     vectors = result.vectors["<thing>"]
     assert set(vectors) == ({"text_encoder", "text_encoder_2"} if kind == "sdxl" else {"text_encoder"})
-    assert all(np.isfinite(v).all() for v in vectors.values())
-    assert np.isfinite(result.final_loss)
+    cat = sd.text[0].tokenizer("cat", add_special_tokens=False).input_ids[0]
+    for side in sd.text:  # every encoder's vector moved away from its initializer
+        init = np.asarray(sd.params[side.name]["text_model"]["embeddings"]["token_embedding"]["embedding"])[cat]
+        assert np.abs(vectors[side.name][0] - init).max() > 1e-3, side.name
+    before_loss, after_loss = fixed_draw_loss(sd, cfg, result)
+    print(f"{kind} fixed-draw loss: initial {before_loss:.5f} -> learned {after_loss:.5f}")
+    assert after_loss < before_loss
 
 
 def test_existing_run_folder_is_protected(tmp_path, tiny_dirs, images):
@@ -204,6 +215,14 @@ def test_existing_run_folder_is_protected(tmp_path, tiny_dirs, images):
     with pytest.raises(ConfigError, match="different config"):
         run(_cfg(tmp_path, tiny_dirs("sd1"), images, steps=2, lr=1e-2, resume=True), progress=False)
     assert (tmp_path / "run" / "learned_embeds.safetensors").read_bytes() == saved
+    # --overwrite, through the command line: the run starts again from scratch with the new config.
+    from tix.cli import main
+
+    main(_invert_args(tiny_dirs("sd1"), images, tmp_path / "run", 1) + ["--lr", "1e-2", "--overwrite"])
+    assert TrainConfig(**yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())).lr == 1e-2
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "wave-000").iterdir() if p.name.isdigit())
+    assert kept == ["1"]  # the old run's step-2 checkpoint is gone
+    assert (tmp_path / "run" / "learned_embeds.safetensors").read_bytes() != saved
 
 
 def test_bad_images_are_skipped_with_a_warning(tmp_path, tiny_dirs, images):

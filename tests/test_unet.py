@@ -99,7 +99,7 @@ def test_matches_diffusers(tiny_dirs, kind, size, timesteps):
     err = np.abs(out - ref).max()
     print(f"unet {kind} {size}: max-abs err {err:.3g} (max |ref| {np.abs(ref).max():.3g})")
     assert out.shape == ref.shape
-    assert err < 1e-4
+    assert err < 1e-5
 
 
 def test_rarer_config_options_match_diffusers():
@@ -125,7 +125,7 @@ def test_rarer_config_options_match_diffusers():
     out = np.asarray(jax.jit(model.apply)({"params": params}, sample, timesteps, context))
     err = np.abs(out - ref).max()
     print(f"unet rarer options: max-abs err {err:.3g} (max |ref| {np.abs(ref).max():.3g})")
-    assert err < 1e-4
+    assert err < 1e-5
 
 
 # One level (no resampling) with resnets, transformer blocks and SDXL conditioning: the cheapest model to compile,
@@ -299,7 +299,8 @@ def test_missing_fields_take_diffusers_defaults():
 
 @pytest.mark.slow
 def test_full_size_sd15_random_weights():
-    """The real SD 1.5 architecture at an 8x8 latent, random weights from torch: relative error within 1e-3."""
+    """The real SD 1.5 architecture at an 8x8 latent, random weights from torch: relative error within 1e-5 (the
+    README's figure is 2.3e-6)."""
     torch.manual_seed(0)
     torch_unet = TorchUNet.from_config(SD15).eval()
     rng = np.random.default_rng(0)
@@ -316,7 +317,7 @@ def test_full_size_sd15_random_weights():
     out = np.asarray(jax.jit(model.apply)({"params": params}, sample, timesteps, context))
     rel = np.abs(out - ref).max() / np.abs(ref).max()
     print(f"unet full-size SD 1.5: max-abs err / max |ref| = {rel:.3g}")
-    assert rel < 1e-3
+    assert rel < 1e-5
 
 
 def test_attention_takes_cudnn_flash_only_where_it_applies(monkeypatch):
@@ -328,7 +329,9 @@ def test_attention_takes_cudnn_flash_only_where_it_applies(monkeypatch):
     def impl(t, s, d, dtype):
         return A._implementation(jnp.zeros((1, t, 2, d), dtype), jnp.zeros((1, s, 2, d), dtype))
 
-    assert impl(4096, 4096, 40, jnp.bfloat16) == "xla"  # on this CPU
+    for backend in ("cpu", "tpu"):  # whatever backend runs the test: only a GPU takes cuDNN
+        monkeypatch.setattr(A.jax, "default_backend", lambda backend=backend: backend)
+        assert impl(4096, 4096, 40, jnp.bfloat16) == "xla"
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
     assert impl(4096, 4096, 40, jnp.bfloat16) == "cudnn"
     assert impl(1024, 1024, 64, jnp.float16) == "cudnn"

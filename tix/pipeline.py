@@ -315,8 +315,13 @@ class StableDiffusion:
         seed: int = 0,
         size: int | tuple[int, int] | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        latents: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`."""
+        """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`.
+
+        `latents`: the starting noise [len(prompts), h, w, c] (NHWC, unit variance, before the sampler's initial
+        sigma, as diffusers' `latents=`) instead of drawing it from `seed`.
+        """
         from tix import parallel
 
         size = self.default_size if size is None else size
@@ -339,9 +344,16 @@ class StableDiffusion:
         neg_ids = self.tokenize(negative)
         zero_uncond = self.kind == "sdxl" and not any(negative)  # SDXL's force_zeros_for_empty_prompt
         shape = (padded, height // self.vae_scale_factor, width // self.vae_scale_factor, self.unet.config.in_channels)
-        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        if latents is None:
+            noise = np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+        else:
+            noise = np.asarray(latents, np.float32)
+            if noise.shape != (n, *shape[1:]):
+                raise ConfigError(f"latents of shape {noise.shape} do not fit {n} prompt(s) at {height}x{width}: "
+                                  f"expected {(n, *shape[1:])} (NHWC)")
+            noise = np.concatenate([noise, np.repeat(noise[-1:], padded - n, axis=0)])
         batch = parallel.put_batch(
-            {"ids": ids, "neg": neg_ids, "noise": np.asarray(noise)}, mesh
+            {"ids": ids, "neg": neg_ids, "noise": noise}, mesh
         )
         params = parallel.put_replicated(self.params, mesh)
         fn = _jit_generate(self, sampler, steps, float(guidance), zero_uncond, (height, width))

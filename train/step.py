@@ -210,6 +210,29 @@ def _draw_on_devices(tables: Tables, cfg: StepConfig, num_train_timesteps: int, 
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, rows)), out)
 
 
+def diffusion_loss(
+    sd: StableDiffusion,
+    params: dict[str, Any],
+    vectors: tuple[jax.Array, ...],
+    x0: jax.Array,
+    noise: jax.Array,
+    timesteps: jax.Array,
+    ids: tuple[jax.Array, ...],
+) -> jax.Array:
+    """Per-sample [B] mean squared error of the UNet's prediction against the scheduler's target (epsilon or v), before
+    any loss weighting: the textual-inversion loss on given draws.
+
+    `x0`: scaled latents [B, h, w, c]; `vectors`: per text encoder, the [N, D] rows that placeholder ids >= vocab size
+    read; `ids`: per text encoder [B, 77] as `sd.tokenize` gives them. SDXL's time ids are those of an uncropped image
+    at the latents' pixel size, and its pooled embedding is taken at the first EOS (see `StableDiffusion.text_fn`).
+    """
+    context, pooled = sd.text_fn(params, ids, vectors)
+    noisy = sched.add_noise(sd.schedule, x0, noise, timesteps)
+    target = sched.target(sd.schedule, x0, noise, timesteps)
+    pred = sd.unet_fn(params, noisy, timesteps, context, pooled)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
+
+
 def loss_fn(
     vectors: tuple[jax.Array, ...],
     sd: StableDiffusion,
@@ -229,17 +252,8 @@ def loss_fn(
         per_row = (jnp.repeat(tables.n_vectors, cfg.batch_size), jnp.repeat(active, cfg.batch_size))
         n_rows = vectors[0].shape[1]
         ids = tuple(drop_inactive(i, side.vocab_size, n_rows, *per_row) for i, side in zip(ids, sd.text, strict=True))
-    x0 = sd.scale_latents(latents)
-    extra = tuple(v.reshape(-1, v.shape[-1]) for v in vectors)
-    context, pooled = sd.text_fn(frozen, ids, extra)
-    noisy = sched.add_noise(sd.schedule, x0, noise, t)
-    target = sched.target(sd.schedule, x0, noise, t)
-    time_ids = None
-    if sd.kind == "sdxl":
-        r = cfg.resolution
-        time_ids = jnp.tile(jnp.asarray([[r, r, 0, 0, r, r]], jnp.float32), (t.shape[0], 1))
-    pred = sd.unet_fn(frozen, noisy, t, context, pooled, time_ids)
-    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
+    rows = tuple(v.reshape(-1, v.shape[-1]) for v in vectors)
+    per_sample = diffusion_loss(sd, frozen, rows, sd.scale_latents(latents), noise, t, ids)
     if cfg.min_snr_gamma:
         per_sample = per_sample * sched.min_snr_weight(sd.schedule, t, cfg.min_snr_gamma)
     per_concept = per_sample.reshape(num_k, cfg.batch_size).mean(axis=1)
