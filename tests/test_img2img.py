@@ -222,7 +222,7 @@ def test_bad_edit_inputs_are_named_before_compiling(sd1):
         (dict(image=image.astype(np.float32)), "uint8"),
         (dict(image=image[..., :1]), "RGB"),
         (dict(image=image, size=64), "differs from the image"),
-        (dict(image=image[:30, :30]), "multiple of 2"),
+        (dict(image=image[:31, :31]), "multiple of 2"),
         (dict(image=np.stack([image] * 3)), "3 images for 2 prompts"),
         (dict(image=image, mask=np.ones((16, 16))), "does not fit"),
         (dict(image=image, mask=np.full((32, 32), 2.0)), r"expected \[0, 1\]"),
