@@ -3,10 +3,21 @@
 `tix.load(path)` returns a frozen `tix.StableDiffusion`; see the README for the API.
 """
 
+import logging
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 __all__ = ["StableDiffusion", "load", "__version__"]
+
+
+
+def _drop_torch_banner(record: logging.LogRecord) -> bool:
+    # tix needs only transformers' tokenizer, which works without torch; transformers announces torch's absence on
+    # import through its "transformers" logger, so a filter there drops that one line and nothing else.
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+logging.getLogger("transformers").addFilter(_drop_torch_banner)
 
 if TYPE_CHECKING:
     from tix.loading import load

@@ -51,8 +51,16 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"loaded {', '.join(names)} from {path}")
     out = _writable_folder(Path(args.out))
     prompts = [args.prompt] * args.n
+    edit = {}
+    if args.image:
+        edit["image"] = _read_image(args.image, args.size, sd.vae_scale_factor)
+        edit["strength"] = args.strength
+        if args.mask:
+            edit["mask"] = _read_mask(args.mask, edit["image"].shape[:2])
+    elif args.mask:
+        raise TixError("--mask needs the image it edits: add --image PATH")
     images = sd.generate(prompts, negative=args.negative, steps=args.steps, guidance=args.guidance,
-                         sampler=args.sampler, seed=args.seed, size=args.size)
+                         sampler=args.sampler, seed=args.seed, size=None if args.image else args.size, **edit)
     from PIL import Image
 
     from train.report import grid
@@ -65,6 +73,47 @@ def _generate(args: argparse.Namespace) -> None:
     except OSError as err:
         raise TixError(f"--out {out}: writing the images failed ({err.strerror or err})") from None
     print(f"wrote {len(images)} images and a grid to {out}")
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    from tix import fs
+
+    try:
+        with fs.open_read(path) as f:
+            image = Image.open(f)
+            image.load()
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise TixError(f"{path}: cannot read it as an image ({err})") from None
+    return image
+
+
+def _read_image(path: str, size: int | None, multiple: int):
+    """The image as uint8 [H, W, 3]: resized to --size when given, else cut down to a multiple of the VAE factor
+    (as diffusers' image processor does)."""
+    import numpy as np
+    from PIL import Image
+
+    image = _open_image(path).convert("RGB")
+    width, height = (size, size) if size else (image.width - image.width % multiple,
+                                               image.height - image.height % multiple)
+    if min(width, height) < multiple:
+        raise TixError(f"{path}: {image.width}x{image.height} is smaller than the model's {multiple}-pixel latent cell")
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def _read_mask(path: str, shape: tuple[int, int]):
+    """The mask as uint8 [H, W] (white: edit, black: keep), resized to the image's size."""
+    import numpy as np
+    from PIL import Image
+
+    mask = _open_image(path).convert("L")
+    if mask.size != (shape[1], shape[0]):
+        mask = mask.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.asarray(mask)
 
 
 def _invert(args: argparse.Namespace) -> None:
@@ -98,8 +147,8 @@ def _invert(args: argparse.Namespace) -> None:
     print(summary(result))
 
 
-def _export(args: argparse.Namespace) -> None:
-    from tix import embedding_files, fs
+def _library_concepts(args: argparse.Namespace) -> list:
+    from tix import fs
     from tix.library import Library
 
     source = fs.path(args.source)  # local or gs://
@@ -115,7 +164,18 @@ def _export(args: argparse.Namespace) -> None:
         entries = [e for e in entries if e.concept.token == args.token]
         if not entries:
             raise TixError(f"{source} has no token {args.token!r}; it holds: {', '.join(known)}")
-    concepts = [e.concept for e in entries]
+    return [e.concept for e in entries]
+
+
+def _export(args: argparse.Namespace) -> None:
+    from tix import embedding_files, hub
+
+    if hub.is_hub_id(args.source):  # a published concept, e.g. sd-concepts-library/cat-toy: convert its format
+        concepts = [c for c in embedding_files.read(args.source) if args.token in (None, c.token)]
+        if not concepts:
+            raise TixError(f"{args.source} has no concept {args.token!r}")
+    else:
+        concepts = _library_concepts(args)
     written = embedding_files.write(concepts if len(concepts) > 1 else concepts[0], args.out, format=args.format,
                                     torch_pickle=args.torch_pickle or None, name=args.name)
     for path in written:
@@ -137,7 +197,7 @@ def _show(entry) -> None:
 
 
 def _concepts(args: argparse.Namespace) -> None:
-    from tix import fs
+    from tix import embedding_files, fs, hub
     from tix.library import Library
 
     library = Library(args.library)
@@ -161,6 +221,13 @@ def _concepts(args: argparse.Namespace) -> None:
     elif args.action == "rm":
         library.remove(args.token)
         print(f"removed {args.token}")
+    elif args.action == "merge" and hub.is_hub_id(args.other):
+        added = []
+        for concept in embedding_files.read(args.other):
+            meta = {"source": f"hub:{args.other}", "family": "sdxl" if "text_encoder_2" in concept.vectors else None}
+            library.add(concept, meta, replace=args.replace)
+            added.append(concept.token)
+        print(f"merged {len(added)} concept(s) from {args.other} into {library.root}")
     elif args.action == "merge":
         added = library.merge(Library(args.other), replace=args.replace)
         print(f"merged {len(added)} concept(s) into {library.root}")
@@ -181,7 +248,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=int, default=None, help="pixels (default: the model's native size)")
     g.add_argument("--dtype", default="float32")
-    g.add_argument("--embeddings", nargs="*", help="embedding files to load (any format tix reads)")
+    g.add_argument("--embeddings", nargs="*", help="embedding files or Hub ids (owner/name) to load")
+    g.add_argument("--image", help="image-to-image: start from this picture (output takes its size, or --size)")
+    g.add_argument("--strength", type=float, default=0.8,
+                   help="--image: how much to change it, 0-1 (runs the last int(steps x strength) steps)")
+    g.add_argument("--mask", help="--image: edit only where this mask is white (black: keep the image)")
     g.add_argument("--out", default="outputs")
     g.set_defaults(fn=_generate)
 
@@ -219,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=_invert)
 
     e = sub.add_parser("export", help="write learned tokens in a format other tools load")
-    e.add_argument("source", help="run folder, concept library, or one concept (with --token)")
+    e.add_argument("source", help="run folder, concept library, one concept (with --token), or a Hub id owner/name")
     e.add_argument("--format", default="diffusers", choices=["diffusers", "a1111", "kohya"])
     e.add_argument("--token", help="only this concept")
     e.add_argument("--torch-pickle", action="store_true",
@@ -234,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["list", "show", "rm", "merge"])
     c.add_argument("library")
     c.add_argument("token", nargs="?", help="for show/rm")
-    c.add_argument("--other", help="for merge: the library to copy from")
+    c.add_argument("--other", help="for merge: the library to copy from, or a Hub concept id owner/name")
     c.add_argument("--replace", action="store_true")
     c.set_defaults(fn=_concepts)
     return p

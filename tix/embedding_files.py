@@ -971,12 +971,19 @@ def read(path: str | os.PathLike, *, token: str | None = None) -> list[Concept]:
     diffusers' ``load_textual_inversion(token=...)`` does); for files or folders holding several, which one to return.
     Without `token`, A1111 files use their ``name`` field, emb_params / clip_l+clip_g files the name tix wrote in their
     metadata or else the file name (as A1111 and ComfyUI do), and diffusers files their key.
+
+    `path` may also be a Hugging Face Hub id ("sd-concepts-library/cat-toy"), read from huggingface_hub's cache.
     """
-    path = fs.path(path)
-    if fs.is_dir(path):
+    from tix import hub
+
+    if hub.is_hub_id(path):
+        concepts = _read_folder(hub.concept_folder(os.fspath(path)), token)
+    elif fs.is_dir(path := fs.path(path)):
         concepts = _read_folder(path, token)
     elif not path.is_file():
-        raise EmbeddingFileError(f"embedding file {path} does not exist")
+        raise EmbeddingFileError(
+            f"embedding file {path} does not exist, and it is not a Hub id of the form 'owner/name'"
+        )
     else:
         concepts = _read_file(path, token)
     for concept in concepts:

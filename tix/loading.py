@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tix import weights
+from tix import hub, weights
 from tix.errors import CheckpointError, ConfigError
 from tix.models import clip
 from tix.models.unet import UNet2DConditionModel, UNetConfig
@@ -158,7 +158,7 @@ def resolve(path: str | os.PathLike, variant: str | None = None) -> Path:
         if not local.is_dir():
             raise CheckpointError(f"{local} is a file; tix.load wants a diffusers folder (model_index.json, unet/...)")
         return local
-    if str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+    if not hub.is_hub_id(path):
         raise CheckpointError(f"{path}: no such folder, and it is not a Hub id of the form 'owner/name'")
     return _hub_snapshot(str(path), variant)
 

@@ -314,16 +314,37 @@ class StableDiffusion:
         sampler: str = "dpm++2m",
         seed: int = 0,
         size: int | tuple[int, int] | None = None,
+        image: np.ndarray | None = None,
+        strength: float = 0.8,
+        mask: np.ndarray | None = None,
         mesh: jax.sharding.Mesh | None = None,
         latents: np.ndarray | None = None,
     ) -> np.ndarray:
         """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`.
+
+        With `image` (uint8 [H, W, 3], or [B, H, W, 3] one per prompt) this is image-to-image as in diffusers' img2img
+        pipeline: the image's VAE latent mean is noised to the level of step `steps - int(steps * strength)` and only
+        the steps from there on run, so `strength` 1 keeps nothing of the image but its layout's faint trace and small
+        strengths change little. With `mask` ([H, W] or [B, H, W]: 1 or 255 where to edit, 0 where to keep; bool,
+        uint8 or floats in [0, 1]) as well, only the masked part is edited: outside it the latents are reset to the
+        image's at every step (Blended Latent Diffusion). The mask is averaged over each latent cell, so its edge is
+        soft over one cell (`vae_scale_factor` pixels: 8 in Stable Diffusion). The output has the image's size.
 
         `latents`: the starting noise [len(prompts), h, w, c] (NHWC, unit variance, before the sampler's initial
         sigma, as diffusers' `latents=`) instead of drawing it from `seed`.
         """
         from tix import parallel
 
+        n = len(prompts)
+        if image is not None:
+            image = image_rows(image, n)
+            if size is not None and tuple(np.broadcast_to(size, 2)) != image.shape[1:3]:
+                raise ConfigError(f"size {size} differs from the image's {image.shape[2]}x{image.shape[1]}; "
+                                  "resize the image instead")
+            size = image.shape[1:3]
+            samplers.start_step(steps, strength)  # a bad strength fails here, before anything compiles
+        elif mask is not None:
+            raise ConfigError("a mask needs the image it edits: pass image= (tix generate --image) too")
         size = self.default_size if size is None else size
         height, width = (size, size) if isinstance(size, int) else size
         if height < self.vae_scale_factor or width < self.vae_scale_factor:
@@ -332,7 +353,6 @@ class StableDiffusion:
             raise ConfigError("generate needs at least one prompt")
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ConfigError(f"size {height}x{width} must be a multiple of {self.vae_scale_factor} for this model")
-        n = len(prompts)
         if isinstance(negative, str) or negative is None:
             negative = [negative or ""] * n
         mesh = mesh or parallel.make_mesh(jax.local_devices())
@@ -352,13 +372,58 @@ class StableDiffusion:
                 raise ConfigError(f"latents of shape {noise.shape} do not fit {n} prompt(s) at {height}x{width}: "
                                   f"expected {(n, *shape[1:])} (NHWC)")
             noise = np.concatenate([noise, np.repeat(noise[-1:], padded - n, axis=0)])
-        batch = parallel.put_batch(
-            {"ids": ids, "neg": neg_ids, "noise": noise}, mesh
-        )
+        inputs = {"ids": ids, "neg": neg_ids, "noise": noise}
+        if image is not None:
+            inputs["image"] = _pad_rows(image, padded)
+            if mask is not None:
+                inputs["mask"] = _pad_rows(latent_mask(mask, n, (height, width), self.vae_scale_factor), padded)
+        batch = parallel.put_batch(inputs, mesh)
         params = parallel.put_replicated(self.params, mesh)
-        fn = _jit_generate(self, sampler, steps, float(guidance), zero_uncond, (height, width))
+        img2img_strength = None if image is None else float(strength)
+        fn = _jit_generate(self, sampler, steps, float(guidance), zero_uncond, (height, width), img2img_strength)
         images = fn(params, self.extras(), batch)
         return np.asarray(images)[:n]
+
+
+def image_rows(image: Any, n: int) -> np.ndarray:
+    """`image` as uint8 [n, H, W, 3]: one RGB image for every prompt, or one per prompt."""
+    rows = np.asarray(image)
+    if rows.ndim == 3:
+        rows = rows[None]
+    if rows.ndim != 4 or rows.shape[-1] != 3:
+        raise ConfigError(f"image of shape {rows.shape}: expected RGB [H, W, 3] or one per prompt [B, H, W, 3]")
+    if rows.dtype != np.uint8:
+        raise ConfigError(f"image of dtype {rows.dtype}: expected uint8 pixels (0-255)")
+    if rows.shape[0] not in (1, n):
+        raise ConfigError(f"{rows.shape[0]} images for {n} prompts: give one image, or one per prompt")
+    return np.broadcast_to(rows, (n, *rows.shape[1:]))
+
+
+def latent_mask(mask: Any, n: int, size: tuple[int, int], factor: int) -> np.ndarray:
+    """A pixel mask ([H, W] or [B, H, W], optionally with a trailing channel of 1) -> float32 [n, H/f, W/f, 1] in
+    [0, 1], each latent cell the share of its f x f pixels to edit."""
+    m = np.asarray(mask)
+    if m.ndim in (3, 4) and m.shape[-1] == 1 and m.shape[-3:-1] == tuple(size):
+        m = m[..., 0]
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3 or m.shape[1:] != tuple(size):
+        raise ConfigError(f"mask of shape {np.shape(mask)} does not fit the {size[1]}x{size[0]} image; "
+                          "give a single-channel mask of the image's size")
+    if m.shape[0] not in (1, n):
+        raise ConfigError(f"{m.shape[0]} masks for {n} prompts: give one mask, or one per prompt")
+    if m.dtype == np.uint8:
+        m = m / 255.0
+    m = m.astype(np.float32)
+    if m.min() < 0 or m.max() > 1:
+        raise ConfigError(f"mask values span [{m.min()}, {m.max()}]: expected [0, 1] floats, bools or uint8")
+    h, w = size[0] // factor, size[1] // factor
+    cells = m.reshape(m.shape[0], h, factor, w, factor).mean(axis=(2, 4))
+    return np.broadcast_to(cells[..., None], (n, h, w, 1))
+
+
+def _pad_rows(rows: np.ndarray, padded: int) -> np.ndarray:
+    return np.concatenate([rows, np.repeat(rows[-1:], padded - len(rows), axis=0)])
 
 
 def default_time_ids(batch: int, size: tuple[int, int]) -> jax.Array:
@@ -423,7 +488,7 @@ def _jit_decode(sd, params, latents):
 
 
 @_cache
-def _jit_generate(sd, sampler, steps, guidance, zero_uncond, size, params, extra, batch):
+def _jit_generate(sd, sampler, steps, guidance, zero_uncond, size, strength, params, extra, batch):
     context, pooled = sd.text_fn(params, batch["ids"], extra)
     if samplers.doubles_batch(guidance):
         if zero_uncond:
@@ -438,7 +503,12 @@ def _jit_generate(sd, sampler, steps, guidance, zero_uncond, size, params, extra
         t = jnp.broadcast_to(t, (latents.shape[0],))
         return sd.unet_fn(params, latents, t, context, pooled, time_ids)
 
+    init = None
+    if "image" in batch:
+        mean, _ = sd.encode_fn(params, batch["image"].astype(jnp.float32) / 127.5 - 1.0)
+        init = sd.scale_latents(mean)
     latents = samplers.sample(
-        model_fn, sd.schedule, sampler, steps, batch["noise"], guidance_scale=guidance
+        model_fn, sd.schedule, sampler, steps, batch["noise"], guidance_scale=guidance,
+        init=init, strength=1.0 if strength is None else strength, mask=batch.get("mask"),
     )
     return to_uint8(sd.decode_fn(params, latents))

@@ -23,6 +23,7 @@ whole loop in one ``jax.lax.scan``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,6 +46,9 @@ class SamplerTable:
     ``timesteps`` are what the model receives (float32; equal to diffusers' ``scheduler.timesteps``), ``input_divisor``
     what the latents are divided by before the model call (diffusers' ``scale_model_input``), ``init_noise_sigma``
     what unit Gaussian noise is multiplied by to start. ``coeffs`` holds the sampler's own per-step scalars.
+    ``signal_scale`` and ``noise_scale`` give the noise level step ``i`` takes its latents to be at, in the sampler's
+    own parameterisation: ``x_i = signal_scale[i] * x0 + noise_scale[i] * noise`` (diffusers' ``add_noise`` at that
+    step).
     """
 
     sampler: str
@@ -53,6 +57,8 @@ class SamplerTable:
     input_divisor: np.ndarray
     init_noise_sigma: float
     coeffs: Mapping[str, np.ndarray]
+    signal_scale: np.ndarray
+    noise_scale: np.ndarray
     clip_sample_range: float | None = None
 
     @property
@@ -72,6 +78,48 @@ def make_table(schedule: NoiseSchedule, sampler: str, num_steps: int) -> Sampler
         )
     build = {"ddim": _ddim_table, "euler": _euler_table, "dpm++2m": _dpm_table}[sampler]
     return build(schedule, int(num_steps))
+
+
+def start_step(num_steps: int, strength: float) -> int:
+    """The step image-to-image starts from: diffusers' ``get_timesteps``, which keeps the last
+    ``int(num_steps * strength)`` steps of the ``num_steps`` schedule (all three samplers are of order 1 there)."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"strength={strength!r} must be a number between 0 and 1")
+    kept = min(int(num_steps * strength), num_steps)
+    if kept == 0:
+        raise ConfigError(
+            f"strength={strength} of {num_steps} steps runs no step (it keeps int(steps * strength) of them); "
+            "raise --strength or --steps"
+        )
+    return num_steps - kept
+
+
+def start_at(table: SamplerTable, first: int) -> SamplerTable:
+    """The table of the steps from ``first`` on: the same timesteps and updates, as diffusers' ``set_begin_index``."""
+    if not 0 <= first < table.num_steps:
+        raise ConfigError(f"cannot start at step {first} of {table.num_steps}")
+    coeffs = {k: v[first:] for k, v in table.coeffs.items()}
+    if table.sampler == "dpm++2m":
+        # diffusers counts solver orders from the first step it runs, so that step is first order: no prev_x0 yet.
+        coeffs["c_d1"] = coeffs["c_d1"].copy()
+        coeffs["c_d1"][0] = 0.0
+    return dataclasses.replace(
+        table, timesteps=table.timesteps[first:], input_divisor=table.input_divisor[first:], coeffs=coeffs,
+        signal_scale=table.signal_scale[first:], noise_scale=table.noise_scale[first:],
+    )
+
+
+def add_noise(table: SamplerTable, i: jax.Array | int, x0: jax.Array, noise: jax.Array) -> jax.Array:
+    """Clean latents ``x0`` taken to step ``i``'s noise level with unit Gaussian ``noise`` (diffusers' ``add_noise``
+    at that step); ``i == table.num_steps`` is past the last step, where the latents are clean."""
+    signal = jnp.append(jnp.asarray(table.signal_scale), 1.0)[i]
+    sigma = jnp.append(jnp.asarray(table.noise_scale), 0.0)[i]
+    return signal * x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
+
+
+def blend(x: jax.Array, known: jax.Array, mask: jax.Array) -> jax.Array:
+    """Blended Latent Diffusion's step: the sampler's latents where ``mask`` is 1, the ``known`` latents where 0."""
+    return mask * x + (1.0 - mask) * known
 
 
 def timesteps(schedule: NoiseSchedule, sampler: str, num_steps: int) -> np.ndarray:
@@ -172,7 +220,7 @@ def _ddim_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
         "sqrt_1ma_prev": _f32(np.sqrt(1 - a_prev)),
     }
     return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), np.ones(n, np.float32), 1.0, coeffs,
-                        clip_range if clip_sample else None)
+                        coeffs["sqrt_a"], coeffs["sqrt_1ma"], clip_range if clip_sample else None)
 
 
 def _ddim_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
@@ -217,7 +265,9 @@ def _euler_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
     init = max_sigma if spacing in ("linspace", "trailing") else np.sqrt(max_sigma**2 + np.float32(1))
     coeffs = {"sigma": sigmas[:-1], "sigma_next": sigmas[1:]}
     divisor = np.sqrt(sigmas[:-1] ** 2 + np.float32(1)).astype(np.float32)
-    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), divisor, float(init), coeffs)
+    # Euler's latents are variance-exploding: x0 + sigma * noise.
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), divisor, float(init), coeffs,
+                        np.ones(n, np.float32), sigmas[:-1])
 
 
 def _euler_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
@@ -296,7 +346,8 @@ def _dpm_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
         "c_d0": _f32(c_d0),
         "c_d1": _f32(c_d1),
     }
-    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), np.ones(steps, np.float32), 1.0, coeffs)
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), np.ones(steps, np.float32), 1.0, coeffs,
+                        coeffs["alpha"], coeffs["noise"])
 
 
 def _dpm_step(
@@ -354,9 +405,18 @@ def sample(
     noise: jax.Array,
     *,
     guidance_scale: float | jax.Array = 1.0,
+    init: jax.Array | None = None,
+    strength: float = 1.0,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Runs the whole sampling loop (one ``lax.scan``) from unit Gaussian ``noise`` [B, H, W, C]; returns the final
     latents (float32, not yet divided by the VAE scaling factor).
+
+    Image-to-image: with ``init`` (clean latents [B, H, W, C]), only the last ``int(num_steps * strength)`` steps run,
+    from ``init`` noised with ``noise`` to the first kept step's level (diffusers' img2img pipeline). Localized edit:
+    with ``mask`` ([B, H, W, 1] in [0, 1], 1 where to edit) too, after every step the latents outside the mask are
+    replaced by ``init`` noised with the same ``noise`` to the next step's level, and by ``init`` itself after the last
+    step (Blended Latent Diffusion, as diffusers' inpainting pipeline does for a 4-channel UNet).
 
     Contract for ``model_fn(latents_in, t) -> model_output``:
 
@@ -380,8 +440,14 @@ def sample(
       ``guidance_scale`` is too, while passing it as a jit argument makes it traced (then the batch always doubles).
     """
     table = make_table(schedule, sampler, num_steps)
+    if mask is not None and init is None:
+        raise ConfigError("a mask needs the image it edits: pass its latents as init")
+    if init is None:
+        x = noise.astype(jnp.float32) * jnp.float32(table.init_noise_sigma)
+    else:
+        table = start_at(table, start_step(num_steps, strength))
+        x = add_noise(table, 0, init, noise)
     cfg = doubles_batch(guidance_scale)
-    x = noise.astype(jnp.float32) * jnp.float32(table.init_noise_sigma)
     batch = x.shape[0]
     ts = jnp.asarray(table.timesteps)
     divisors = jnp.asarray(table.input_divisor)
@@ -396,6 +462,8 @@ def sample(
         if cfg:
             out = guide(out[:batch], out[batch:], guidance_scale)
         x_next, x0 = step(table, i, x, out, prev_x0)
+        if mask is not None:
+            x_next = blend(x_next, add_noise(table, i + 1, init, noise), mask)
         return (x_next, x0), None
 
     (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), jnp.arange(table.num_steps))
