@@ -8,6 +8,7 @@ similarities in `tix.metrics` normalise them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -229,10 +230,8 @@ def _resolve(path: str | os.PathLike) -> Path:
 
     patterns = HUB_PATTERNS + ["model.safetensors*", "model-*.safetensors"]
     if not hub_constants.HF_HUB_OFFLINE:
-        try:
+        with contextlib.suppress(Exception):  # unreachable: fall back to whatever the cache holds
             patterns = HUB_PATTERNS + _choose_weights(set(hub.list_repo_files(str(path))), "model", None)
-        except Exception:  # unreachable: fall back to whatever the cache holds
-            pass
     try:
         return Path(hub.snapshot_download(str(path), allow_patterns=patterns))
     except Exception as err:
