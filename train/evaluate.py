@@ -34,7 +34,8 @@ def read_references(folder: fs.PathLike) -> tuple[np.ndarray, ...]:
     """The training images of a concept folder as uint8 RGB arrays (unreadable files skipped with a warning)."""
     folder = fs.path(folder)
     if not fs.is_dir(folder):
-        raise ConfigError(f"{folder}: not a folder of training images")
+        raise ConfigError(f"{folder}: not a folder of training images (a run's config.yaml names its folders relative "
+                          "to where it was trained: run tix eval from there, or pass --images for an embedding file)")
     files = sorted(p for p in fs.listdir(folder) if p.suffix.lower() in data.IMAGE_SUFFIXES)
     images = [data.load_image(p) for p in files]
     return tuple(np.asarray(im) for im in images if im is not None)
