@@ -45,7 +45,8 @@ def test_report_shows_the_run(tmp_path):
     assert loss_curve(run) is not None
     page = write_html(run).read_text()
     for text in ("a photo of &lt;cat&gt;", "&lt;dog&gt; on the moon",  # every column's prompt, per concept
-                 "20 steps in 38 s", "images/s", "0.781", "0.254", "0.625",  # timing and eval figures
+                 "20 steps in 38 s", "images/s", "learning rate 0.001 x 4 = 0.004",  # timing, effective lr
+                 "0.781", "0.254", "0.625",  # eval figures
                  "lr: 0.001", "validation_prompts"):  # the resolved config
         assert text in page, text
     assert '<div class=changed>lr: 0.001</div>' in page and "<div>batch_size: 4</div>" in page

@@ -237,6 +237,16 @@ def _concepts(config: dict) -> list[tuple[str, str, bool]]:
         return []
 
 
+def _lr_phrase(config: dict) -> str:
+    """", learning rate X" with the batch scaling spelled out when the run scales it."""
+    if "lr" not in config:
+        return ""
+    if not config.get("scale_lr", True):
+        return f", learning rate {config['lr']:g}"
+    scale = config.get("batch_size", 1) * config.get("grad_accum", 1)
+    return f", learning rate {config['lr']:g} x {scale} = {config['lr'] * scale:g}"
+
+
 def _validation_prompts(config: dict, style: bool) -> list[str]:
     from tix import templates
 
@@ -268,7 +278,7 @@ def write_html(out: fs.PathLike, title: str | None = None, concepts: list[str] |
         if "images_per_s" in facts:
             line += f", {facts['images_per_s']:.2f} images/s (last {facts['last_images_per_s']:.2f})"
         parts.append(f"<p>{line}; model {html.escape(str(config.get('model', '?')))}, "
-                     f"{len(tokens)} concept(s).</p>")
+                     f"{len(tokens)} concept(s){_lr_phrase(config)}.</p>")
     if fs.exists(out / "eval.json"):
         summary = json.loads(fs.read_text(out / "eval.json"))
         p = summary.get("protocol", {})
