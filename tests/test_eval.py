@@ -108,7 +108,7 @@ def test_toy_concept_is_what_every_training_image_shares():
 def test_toy_scores_rank_a_describing_token_above_a_random_one(tmp_path):
     """On the toy world, eval's scorer figures tell a token made of the concept's words from a random vector."""
     import tix
-    from tix.evaluation import evaluate_subjects
+    from tix.evaluation import TOY_EDITS, TOY_RECONSTRUCTION, evaluate_subjects
     from tix.models.clip import token_table
     from tix.toyworld import evaluate, world
 
@@ -122,7 +122,8 @@ def test_toy_scores_rank_a_describing_token_above_a_random_one(tmp_path):
     references = tuple(world.concept_images(concept, 5, seed=1))
     subjects = [Subject("<words>", "<words>", references), Subject("<words>", "<random>", references)]
     protocol = Protocol(samples=8, steps=10, sampler="dpm++2m", batch=8)
-    results, _ = evaluate_subjects(sd, subjects, protocol, toyworld=True, progress=False)
+    results, images = evaluate_subjects(sd, subjects, protocol, toyworld=True, progress=False)
+    assert images[0, TOY_RECONSTRUCTION].shape[0] == images[1, TOY_EDITS].shape[0] == 8
     words_score, random_score = (r["toyworld"] for r in results)
     assert words_score["attributes"] == concept.fixed
     assert words_score["reconstruction"] > random_score["reconstruction"]

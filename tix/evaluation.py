@@ -146,13 +146,20 @@ def toy_concept(name: str, references: Sequence[np.ndarray]) -> world.Concept:
     return world.Concept(name, fixed)
 
 
+# Keys of the toy world's samples in `evaluate_subjects`' image dict (their prompts vary per sample).
+TOY_RECONSTRUCTION = "toy world: a photo of a {}"
+TOY_EDITS = "toy world: edits of {}"
+
+
 def toy_scores(sd: StableDiffusion, subject: Subject, protocol: Protocol,
-               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """The toy-world scorer's reconstruction and editability of the subject's phrase, with the toy world's own
-    prompts (`tix.toyworld.evaluate`) and this protocol's sampler."""
+    prompts (`tix.toyworld.evaluate`) and this protocol's sampler; and the samples (reconstruction, then edits)."""
     from tix.toyworld import evaluate
 
     concept = toy_concept(subject.concept, subject.references)
+
+    drawn = []
 
     def generate(prompts: list[str], seed: int) -> np.ndarray:
         parts = []
@@ -163,17 +170,19 @@ def toy_scores(sd: StableDiffusion, subject: Subject, protocol: Protocol,
                                      sampler=protocol.sampler, seed=seed + start, size=protocol.size)[:len(chunk)])
             if progress is not None:
                 progress(len(chunk))
-        return np.concatenate(parts)
+        drawn.append(np.concatenate(parts))
+        return drawn[-1]
 
     score = evaluate.score_phrase(generate, concept, subject.phrase, samples=protocol.samples, seed=protocol.seed)
     return {"reconstruction": score.reconstruction, "editability": score.editability, "samples": score.samples,
-            "attributes": concept.fixed}
+            "attributes": concept.fixed}, drawn[0]
 
 
 def evaluate_subjects(sd: StableDiffusion, subjects: Sequence[Subject], protocol: Protocol, *,
                       clip: CLIP | None = None, toyworld: bool = False, progress: bool = True
                       ) -> tuple[list[dict[str, Any]], dict[tuple[int, str], np.ndarray]]:
-    """Draw and score every subject; returns one result dict per subject and the CLIP-protocol samples."""
+    """Draw and score every subject; returns one result dict per subject and the samples per (subject index, prompt
+    template or `TOY_*` key)."""
     from tqdm import tqdm
 
     batches = plan(subjects, protocol) if clip is not None else []
@@ -188,7 +197,9 @@ def evaluate_subjects(sd: StableDiffusion, subjects: Sequence[Subject], protocol
             if clip is not None:
                 result.update(clip_scores(clip, subject, {t: images[s, t] for t in subject.templates}))
             if toyworld:
-                result["toyworld"] = toy_scores(sd, subject, protocol, bar.update)
+                result["toyworld"], toy_images = toy_scores(sd, subject, protocol, bar.update)
+                images[s, TOY_RECONSTRUCTION] = toy_images[:protocol.samples]
+                images[s, TOY_EDITS] = toy_images[protocol.samples:]
             results.append(result)
     finally:
         bar.close()

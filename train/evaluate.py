@@ -95,16 +95,14 @@ def write_outputs(out: fs.Path, summary: dict[str, Any], subjects: Sequence[Subj
     fs.write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
     parts = ["<!doctype html><meta charset=utf-8><title>tix eval</title>",
              "<style>body{font-family:sans-serif;margin:2em}img{image-rendering:pixelated}"
-             "td,th{vertical-align:top;padding:4px 8px;text-align:left}</style>",
+             "td,th{vertical-align:top;padding:4px 8px;text-align:left}td:first-child{min-width:14em}</style>",
              f"<h1>tix eval: {html.escape(summary['model'])}</h1>",
              f"<p>{html.escape(_protocol_line(summary))}</p>", eval_table(summary["results"])]
     for s, (subject, result) in enumerate(zip(subjects, summary["results"], strict=True)):
         folder = f"eval/{s:02d}-{safe_stem(subject.label)[:60]}"
         parts.append(f"<h2>{html.escape(subject.label)}</h2><table>")
-        for t, template in enumerate(subject.templates):
-            samples = images.get((s, template))
-            if samples is None:
-                continue
+        for t, template in enumerate(key for i, key in images if i == s):
+            samples = images[s, template]
             name = f"{folder}/{t}.png"
             fs.save_image(grid(samples[:GRID_SAMPLES], min(8, len(samples))), out / name)
             figure = result.get("prompts", {}).get(template, {})
