@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["StableDiffusion", "load", "__version__"]
+__all__ = ["CLIP", "StableDiffusion", "load", "load_clip", "__version__"]
 
 
 
@@ -20,6 +20,7 @@ def _drop_torch_banner(record: logging.LogRecord) -> bool:
 logging.getLogger("transformers").addFilter(_drop_torch_banner)
 
 if TYPE_CHECKING:
+    from tix.clip_model import CLIP, load_clip
     from tix.loading import load
     from tix.pipeline import StableDiffusion
 
@@ -34,4 +35,8 @@ def __getattr__(name: str):
         from tix.pipeline import StableDiffusion
 
         return StableDiffusion
+    if name in ("load_clip", "CLIP"):
+        from tix import clip_model
+
+        return getattr(clip_model, name)
     raise AttributeError(f"module 'tix' has no attribute {name!r}")

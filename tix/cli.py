@@ -1,4 +1,4 @@
-"""The `tix` command: generate, invert, export, concepts."""
+"""The `tix` command: generate, invert, export, concepts, eval."""
 
 from __future__ import annotations
 
@@ -233,6 +233,17 @@ def _concepts(args: argparse.Namespace) -> None:
         print(f"merged {len(added)} concept(s) into {library.root}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from tix.evaluation import Protocol
+    from train.evaluate import run_eval
+
+    protocol = Protocol(samples=args.samples, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                        batch=args.batch, seed=args.seed, size=args.size)
+    folder = run_eval(args.sources, model=args.model, clip=args.clip, out=args.out, protocol=protocol,
+                      images=args.images, phrases=args.phrase or [], style=args.style, dtype=args.dtype)
+    print(f"wrote {folder / 'eval.json'} and {folder / 'eval.html'}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tix", description="Textual inversion for Stable Diffusion on JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -308,6 +319,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--other", help="for merge: the library to copy from, or a Hub concept id owner/name")
     c.add_argument("--replace", action="store_true")
     c.set_defaults(fn=_concepts)
+
+    v = sub.add_parser("eval", help="score learned words: the paper's CLIP image and text similarity")
+    v.add_argument("sources", nargs="+", metavar="RUN_OR_EMBEDDING", help="run folders or embedding files")
+    v.add_argument("--model", default="toyworld", help="diffusers folder, Hub id, or 'toyworld'")
+    v.add_argument("--clip", help="transformers CLIPModel folder or Hub id (the paper: openai/clip-vit-base-patch32)")
+    v.add_argument("--out", help="where eval.json and eval.html go (default: the run folder)")
+    v.add_argument("--images", help="an embedding file's training images (a run folder knows its own)")
+    v.add_argument("--phrase", action="append", metavar="TOKEN=PHRASE",
+                   help="also score PHRASE in place of TOKEN (e.g. a caption to compare with), against its images")
+    v.add_argument("--style", action="store_true", help="embedding files hold styles (style prompts)")
+    v.add_argument("--samples", type=int, default=64, help="samples per prompt (the paper: 64); fewer is faster")
+    v.add_argument("--steps", type=int, default=50)
+    v.add_argument("--guidance", type=float, default=5.0)
+    v.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpm++2m"])
+    v.add_argument("--batch", type=int, default=8, help="images per generation batch")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--size", type=int, default=None, help="pixels (default: the model's native size)")
+    v.add_argument("--dtype", default="float32")
+    v.set_defaults(fn=_eval)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import json
@@ -114,7 +115,17 @@ def grid(images: np.ndarray, columns: int) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+
+def _smooth(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """A trailing moving average over about a twentieth of the points (at least 2), and its window."""
+    k = max(2, len(values) // 20)
+    if len(values) <= k:
+        return values, 1
+    return np.convolve(values, np.ones(k) / k, mode="valid"), k
+
+
 def loss_curve(out: fs.PathLike) -> fs.Path | None:
+    """loss.png: the run's loss and, when it trained several concepts, each concept's (smoothed) curve."""
     rows = [r for r in read_metrics(out) if "loss" in r]
     if not rows:
         return None
@@ -124,16 +135,23 @@ def loss_curve(out: fs.PathLike) -> fs.Path | None:
     import matplotlib.pyplot as plt
 
     steps = np.array([r["step"] for r in rows])
+    concepts = sorted({k[len("loss/"):] for r in rows for k in r if k.startswith("loss/")})
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     loss = np.array([r["loss"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss, alpha=0.35, label="loss")
-    if len(loss) > 4:
-        k = max(2, len(loss) // 20)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, label=f"mean of {k}")
+    if len(concepts) <= 1:
+        ax.plot(steps, loss, alpha=0.35, label=f"loss{' of ' + concepts[0] if concepts else ''}")
+        smooth, k = _smooth(loss)
+        if k > 1:
+            ax.plot(steps[k - 1:], smooth, label=f"mean of {k}")
+    else:
+        for name in concepts:
+            have = [(r["step"], r[f"loss/{name}"]) for r in rows if f"loss/{name}" in r]
+            smooth, k = _smooth(np.array([v for _, v in have]))
+            ax.plot(np.array([s for s, _ in have])[k - 1:], smooth, label=name, linewidth=1)
+        ax.set_title(f"per-concept loss, mean of {max(2, len(rows) // 20)} logged steps", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=1 + len(concepts) // 8, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -141,29 +159,161 @@ def loss_curve(out: fs.PathLike) -> fs.Path | None:
     return fs.write_bytes(fs.path(out) / "loss.png", buffer.getvalue())
 
 
-def write_html(out: fs.PathLike, title: str, concepts: list[str], prompts: list[str]) -> fs.Path:
-    """report.html: the loss curve and, per concept, the validation grids over time."""
+def timing(rows: list[dict]) -> dict[str, float]:
+    """Steps, seconds between the first and last logged step, and images/s (mean and last) from metrics rows."""
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return {}
+    rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
+    out = {"steps": float(rows[-1]["step"]), "seconds": float(rows[-1]["time"] - rows[0]["time"])}
+    if rates:
+        out.update(images_per_s=float(np.mean(rates)), last_images_per_s=float(rates[-1]))
+    return out
+
+
+def eval_table(results: list[dict]) -> str:
+    """An HTML table of `tix eval`'s headline figures per subject (eval.html and the run report share it)."""
+    columns = [("image similarity", lambda r: r.get("image_similarity")),
+               ("text similarity", lambda r: r.get("text_similarity")),
+               ("toy reconstruction", lambda r: r.get("toyworld", {}).get("reconstruction")),
+               ("toy editability", lambda r: r.get("toyworld", {}).get("editability"))]
+    columns = [(name, get) for name, get in columns if any(get(r) is not None for r in results)]
+    rows = ["<table class=grid><tr><th>concept</th><th>phrase</th>" +
+            "".join(f"<th>{n}</th>" for n, _ in columns) + "</tr>"]
+    for r in results:
+        cells = "".join("<td>" + ("-" if get(r) is None else f"{get(r):.3f}") + "</td>" for _, get in columns)
+        rows.append(f"<tr><td>{html.escape(r['concept'])}</td><td>{html.escape(r['phrase'])}</td>{cells}</tr>")
+    return "\n".join(rows) + "</table>"
+
+
+_STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1100px}img{image-rendering:pixelated}"
+          "td,th{vertical-align:top;padding:2px 8px;text-align:left}table.grid{border-collapse:collapse}"
+          "table.grid td,table.grid th{border-bottom:1px solid #ddd}.cols{display:grid;font-size:13px;"
+          "color:#333;text-align:center}.config{columns:3;font-size:12px;font-family:monospace}"
+          ".config div{break-inside:avoid}.changed{font-weight:bold}.muted{color:#666}</style>")
+
+
+def _config_html(config: dict) -> str:
+    """Every field of the resolved config; those that differ from TrainConfig's defaults in bold."""
+    from train.config import TrainConfig
+
+    defaults = dataclasses.asdict(TrainConfig())
+    items = []
+    for key, value in config.items():
+        changed = " class=changed" if defaults.get(key, object()) != value else ""
+        items.append(f"<div{changed}>{html.escape(key)}: {html.escape(json.dumps(value))}</div>")
+    return "<div class=config>" + "".join(items) + "</div>"
+
+
+def _thumbnails(out: fs.Path, stem: str, folder: str, size: int = 96) -> list[str]:
+    """Small copies of a concept's training images inside the run folder (the originals may be elsewhere or gone);
+    returns their paths relative to the run."""
+    from train import data
+
+    source = fs.path(folder)
+    if not fs.is_dir(source):
+        return []
+    names = []
+    for i, file in enumerate(sorted(p for p in fs.listdir(source) if p.suffix.lower() in data.IMAGE_SUFFIXES)):
+        image = data.load_image(file)
+        if image is None:
+            continue
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        name = f"report/{stem}/train-{i}.png"
+        fs.save_image(image, out / name)
+        names.append(name)
+    return names
+
+
+def _concepts(config: dict) -> list[tuple[str, str, bool]]:
+    """(token, image folder, style) of every concept the run's config names (nothing if they cannot be listed)."""
+    from train import data
+    from train.config import TrainConfig
+
+    try:
+        cfg = TrainConfig(**config)
+        return [(s.token, s.images, bool(cfg.style if s.style is None else s.style)) for s in data.concept_specs(cfg)]
+    except Exception:  # a report must not fail a finished run: a moved concept folder only loses the thumbnails
+        return []
+
+
+def _lr_phrase(config: dict) -> str:
+    """", learning rate X" with the batch scaling spelled out when the run scales it."""
+    if "lr" not in config:
+        return ""
+    if not config.get("scale_lr", True):
+        return f", learning rate {config['lr']:g}"
+    scale = config.get("batch_size", 1) * config.get("grad_accum", 1)
+    return f", learning rate {config['lr']:g} x {scale} = {config['lr'] * scale:g}"
+
+
+def _validation_prompts(config: dict, style: bool) -> list[str]:
+    from tix import templates
+
+    if config.get("validation_prompts"):
+        return list(config["validation_prompts"])
+    return list(templates.VALIDATION_STYLE if style else templates.VALIDATION_OBJECT)
+
+
+def write_html(out: fs.PathLike, title: str | None = None, concepts: list[str] | None = None,
+               prompts: list[str] | None = None) -> fs.Path:
+    """report.html, from what the run folder holds: the concepts' training images, the validation grids over time
+    with each column's prompt, per-concept loss curves, time and images/s, `tix eval`'s figures (eval.json) when
+    present, and the resolved config. `concepts` and `prompts` default to what config.yaml says."""
+    import yaml
+
+    from tix.embedding_files import output_stems
+
     out = fs.path(out)
-    parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}img{image-rendering:pixelated;max-width:100%}"
-             "td{vertical-align:top;padding:4px}</style>",
+    config = yaml.safe_load(fs.read_text(out / "config.yaml")) if fs.exists(out / "config.yaml") else {}
+    listed = _concepts(config) if config else []
+    tokens = concepts or [t for t, _, _ in listed]
+    folders = {t: (f, st) for t, f, st in listed}
+    title = title or f"tix invert: {', '.join(tokens)}"
+    parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>", _STYLE,
              f"<h1>{html.escape(title)}</h1>"]
+    facts = timing(read_metrics(out))
+    if facts:
+        line = f"{int(facts['steps'])} steps in {facts['seconds']:.0f} s (first to last logged step)"
+        if "images_per_s" in facts:
+            line += f", {facts['images_per_s']:.2f} images/s (last {facts['last_images_per_s']:.2f})"
+        parts.append(f"<p>{line}; model {html.escape(str(config.get('model', '?')))}, "
+                     f"{len(tokens)} concept(s){_lr_phrase(config)}.</p>")
+    if fs.exists(out / "eval.json"):
+        summary = json.loads(fs.read_text(out / "eval.json"))
+        p = summary.get("protocol", {})
+        parts.append(f"<h2>Evaluation</h2><p class=muted>tix eval: {p.get('samples')} samples per prompt, "
+                     f"{p.get('sampler')} {p.get('steps')} steps, guidance {p.get('guidance')}, CLIP "
+                     f"{html.escape(str(summary.get('clip') or 'none'))}; samples in "
+                     "<a href='eval.html'>eval.html</a></p>" + eval_table(summary.get("results", [])))
     if fs.exists(out / "loss.png"):
         parts.append('<h2>Loss</h2><img src="loss.png">')
     val = out / "validation"
     # One listing per step folder rather than one existence check per image (each is a request on an object store).
     grids = {int(p.name.split("-")[1]): {q.name for q in fs.listdir(p)}
              for p in (fs.listdir(val) if fs.is_dir(val) else []) if p.name.startswith("step-")}
-    steps = sorted(grids)
-    parts.append("<h2>Validation</h2><p>Columns: " + " | ".join(html.escape(p) for p in prompts) +
-                 " (fixed seeds, one row per seed)</p>")
-    for name in concepts:
-        parts.append(f"<h3>{html.escape(name)}</h3><table>")
-        for step in steps:
-            img = f"validation/step-{step:06d}/{_safe(name)}.png"
-            if f"{_safe(name)}.png" in grids[step]:
-                parts.append(f"<tr><td>step {step}</td><td><img src='{img}' width=512></td></tr>")
-        parts.append("</table>")
+    parts.append("<h2>Concepts</h2>")
+    for token, stem in zip(tokens, output_stems(tokens), strict=True):
+        folder, style = folders.get(token, (None, bool(config.get("style"))))
+        parts.append(f"<h3>{html.escape(token)}</h3>")
+        thumbs = _thumbnails(out, stem, folder) if folder else []
+        if thumbs:
+            parts.append(f"<p class=muted>training images ({html.escape(str(folder))})</p><p>" +
+                         "".join(f"<img src='{t}' height=96> " for t in thumbs) + "</p>")
+        columns = prompts or _validation_prompts(config, style)
+        seeds = config.get("validation_seeds")
+        header = "".join(f"<div>{html.escape(c.format(token))}</div>" for c in columns)
+        rows = [f"<tr><td>step {step}</td><td><div class=cols style='grid-template-columns:repeat({len(columns)},"
+                f"1fr);width:512px'>{header}</div><img src='validation/step-{step:06d}/{_safe(token)}.png' "
+                "width=512></td></tr>"
+                for step in sorted(grids) if f"{_safe(token)}.png" in grids[step]]
+        if rows:
+            parts.append(f"<p class=muted>validation samples: one column per prompt, one row per seed"
+                         f"{f' ({seeds} seeds)' if seeds else ''}, the same noise at every step</p>"
+                         "<table>" + "".join(rows) + "</table>")
+    if config:
+        parts.append("<h2>Config</h2><p class=muted>config.yaml as resolved; bold: changed from tix's defaults"
+                     "</p>" + _config_html(config))
     return fs.write_text(out / "report.html", "\n".join(parts))
 
 

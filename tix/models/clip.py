@@ -250,6 +250,7 @@ class _SelfAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    causal: bool = True  # the text tower is causal; the vision tower (tix.models.clip_vision) attends both ways
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -257,7 +258,7 @@ class _SelfAttention(nn.Module):
         dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         split = lambda t: t.reshape(*t.shape[:-1], cfg.num_attention_heads, cfg.head_dim)
         q, k, v = (split(dense(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, causal=True)
+        out = attention(q, k, v, causal=self.causal)
         return dense("out_proj")(out.reshape(*out.shape[:-2], cfg.hidden_size))
 
 
@@ -284,11 +285,12 @@ class _EncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + _SelfAttention(self.config, **kw, name="self_attn")(
+        x = x + _SelfAttention(self.config, **kw, causal=self.causal, name="self_attn")(
             _layer_norm(self.config, self.dtype, self.param_dtype, "layer_norm1")(x)
         )
         return x + _MLP(self.config, **kw, name="mlp")(
@@ -297,15 +299,18 @@ class _EncoderLayer(nn.Module):
 
 
 class _Encoder(nn.Module):
+    """The stack of pre-norm transformer layers both CLIP towers share (their configs name the same fields)."""
+
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         outputs = [x]
         for i in range(self.config.num_hidden_layers):
-            x = _EncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(x)
+            x = _EncoderLayer(self.config, self.dtype, self.param_dtype, self.causal, name=f"layers_{i}")(x)
             outputs.append(x)
         return outputs
 
