@@ -75,14 +75,15 @@ def test_loss_falls_and_nothing_frozen_moves(tmp_path, tiny_dirs, images):
 
 def fixed_draw_loss(sd, cfg, result, draws=8):
     """Mean loss over `draws` fixed step keys, for the initial and the learned vectors."""
-    from train.invert import _initial_vectors, _tables, prepare_concepts
+    from train.invert import prepare_concepts
     from train.step import StepConfig, loss_fn
+    from train.tables import initial_vectors, wave_tables
 
     fresh = tix.load(cfg.model)
     prepared = prepare_concepts(fresh, cfg)
-    tables, _ = _tables(fresh, cfg, prepared, 1, 1, fresh.default_size, range(1))
+    tables, _ = wave_tables(fresh, cfg, prepared, 1, 1, fresh.default_size, range(1))
     tables = jax.tree.map(jax.numpy.asarray, tables)
-    init = _initial_vectors(fresh, prepared, 1, 1)
+    init = initial_vectors(fresh, prepared, 1, 1)
     step_cfg = StepConfig(16, 1, 0.5, None, None, fresh.default_size)
     fn = jax.jit(lambda v, k: loss_fn(v, fresh, step_cfg, fresh.params, tables, k)[0])
     learned = tuple(np.asarray(v) for v in result.state.vectors)
