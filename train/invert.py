@@ -5,6 +5,7 @@ The edges live here (files, progress, signals, checkpoints); the math is `train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -31,6 +32,7 @@ from train.config import TrainConfig
 from train.loop import Hook, run_steps
 from train.report import MetricsLog, grid, loss_curve, write_html
 from train.step import Layout, StepConfig, TrainState, make_optimizer, train_step
+from train.stop import Stopped, StopRequests
 from train.tables import Prepared, initial_vectors, plan_layout, wave_tables
 
 log = logging.getLogger("tix")
@@ -49,57 +51,71 @@ class Result:
     images_read: list[Path]  # the image files this process decoded (its share of the data)
 
 
-class _Interrupt:
-    """Turns Ctrl-C into a flag the loop checks between steps, so the state is saved before exiting."""
-
-    def __init__(self):
-        self.hit = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, *_):
-        self.hit = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+# Everything a run writes in its folder besides config.yaml: what --overwrite clears.
+RUN_OUTPUTS = ("checkpoints", "validation", "tensorboard", "tokens", "embeddings", "learned_embeds.safetensors",
+               "metrics.jsonl", "loss.png", "report.html")
+PATH_FIELDS = ("model", "images", "concepts", "init_from")
 
 
-def _prepare_out(cfg: TrainConfig) -> fs.Path:
+def _check_out(cfg: TrainConfig) -> fs.Path:
+    """The run folder, once it is clear this run may use it. Nothing is written: a run refused later (bad images,
+    a wrong initializer word) leaves the folder as it was, and the same command can be run again."""
     out = fs.path(cfg.out)  # local or gs://: every write under it goes through tix.fs or orbax
     fs.check_supported(out, checkpoints=True)
     saved = out / "config.yaml"
     if fs.exists(saved):
-        old = TrainConfig(**yaml.safe_load(fs.read_text(saved)))
         if cfg.overwrite:
-            for name in ("checkpoints", "validation", "tensorboard", "tokens"):
-                fs.rmtree(out / name)
-            for name in ("metrics.jsonl", "loss.png", "report.html"):
-                (out / name).unlink(missing_ok=True)
-        elif not cfg.resume:
+            return out
+        if not cfg.resume:
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it, --overwrite to start it again, "
                 "or choose another --out"
             )
-        elif old.identity() != cfg.identity():
+        old, new = _comparable(TrainConfig(**yaml.safe_load(fs.read_text(saved)))), _comparable(cfg)
+        if old.identity() != new.identity():
             ignored = ("resume", "overwrite", "steps")
             changed = [f.name for f in dataclasses.fields(TrainConfig)
-                       if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ignored]
+                       if getattr(old, f.name) != getattr(new, f.name) and f.name not in ignored]
             raise ConfigError(
                 f"{out} was trained with a different config (changed: {', '.join(changed)}); resume with the "
                 "same settings, or use --overwrite / another --out"
             )
     elif cfg.resume:
         raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml)")
-    if jax.process_count() > 1:  # every host checks the folder before the first one writes to it
+    return out
+
+
+def _comparable(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its input paths resolved, so that one folder spelled two ways (relative and absolute, with a
+    trailing slash, through a symlink) is the same run."""
+    return dataclasses.replace(cfg, **{name: _resolved(getattr(cfg, name)) for name in PATH_FIELDS})
+
+
+def _resolved(p: str | None) -> str | None:
+    if p is None or fs.is_remote(p):
+        return p.rstrip("/") if p else p
+    local = Path(p).expanduser()
+    return str(local.resolve()) if local.exists() else p  # not a path: a Hub id or "toyworld"
+
+
+def _claim_out(cfg: TrainConfig, out: fs.Path) -> None:
+    """Called once the run can start: clear what an overwritten run wrote, then record this run's config. (Every
+    host has checked the folder before the first one writes to it.)"""
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("tix: run folder checked")
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        saved.write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
-    return out
+        if cfg.overwrite:
+            for name in RUN_OUTPUTS:
+                if fs.is_dir(out / name):
+                    fs.rmtree(out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)
+        (out / "config.yaml").write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tix: run folder ready")
 
 
 def init_vectors(sd: StableDiffusion, init: str, n: int) -> list[np.ndarray]:
@@ -222,7 +238,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     """Train every concept of `cfg`; returns the learned vectors. Writes checkpoints, metrics and exports to cfg.out."""
     cfg.check()
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    out = _prepare_out(cfg)
+    out = _check_out(cfg)
     is_main = jax.process_index() == 0
     if sd is None:
         sd = tix.load(cfg.model, cfg.dtype, compute_dtype=cfg.compute_dtype)
@@ -231,6 +247,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     resolution = cfg.resolution or sd.default_size
     _check_resolution(sd, resolution)
     prepared = prepare_concepts(sd, cfg)
+    _claim_out(cfg, out)
 
     mesh = parallel.make_mesh(fsdp=cfg.fsdp)
     wave_size = min(cfg.concepts_per_step, len(prepared))
@@ -257,8 +274,9 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     compile_seconds = 0.0
     final_loss = math.nan
     rates, files_read = [], []
-    context = _RunContext(cfg, sd, out, resolution, metrics_log, progress and is_main)
-    try:
+    requests = StopRequests(mesh)
+    context = _RunContext(cfg, sd, out, resolution, metrics_log, progress and is_main, requests)
+    with requests, contextlib.closing(metrics_log):
         for w, wave in enumerate(waves):
             local, files = wave_tables(sd, cfg, wave, slots, n_max, resolution, owned)
             files_read += files
@@ -270,8 +288,9 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
             state = parallel.put_replicated(state, mesh)
             ckpt = Checkpoints(out / "checkpoints" / f"wave-{w:03d}", cfg.keep_checkpoints)
             tokens = [p.concept.token for p in wave]
-            if cfg.resume and ckpt.latest() is not None:
-                state, meta = ckpt.restore(state)
+            restored = ckpt.restore_latest(state) if cfg.resume else None
+            if restored is not None:
+                state, meta = restored
                 if meta.get("tokens") != tokens:
                     raise ConfigError(f"checkpoint of wave {w} holds {meta.get('tokens')}, expected {tokens}")
                 log.info("resumed wave %d at step %d", w, int(parallel.to_host(state.step)))
@@ -288,8 +307,6 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
             rates.append(rate)
             _set_token_vectors(sd, wave, tuple(parallel.to_host(v) for v in state.vectors))
             ckpt.close()
-    finally:
-        metrics_log.close()
     learned = {
         p.concept.token: {side.name: np.array(side.extra[side.added.index(p.concept.token):][:p.concept.vectors])
                           for side in sd.text}
@@ -353,6 +370,7 @@ class _RunContext:
     resolution: int
     metrics_log: MetricsLog
     show: bool  # a progress bar
+    stop: StopRequests
 
 
 class _Saver:
@@ -426,19 +444,19 @@ def _train_wave(context: _RunContext, compiled, state: TrainState, frozen, table
         if jax.process_index() == 0:
             _validate(context.sd, cfg, context.out, step, wave, context.resolution)
 
-    with _Interrupt() as interrupt:
-        def stop(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
-            if interrupt.hit:
-                saver.save(step, state, metrics)
-                raise KeyboardInterrupt(f"interrupted: saved step {step} in {ckpt.root}; continue with --resume")
+    def stop(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        signum = context.stop.agreed()
+        if signum:
+            saver.save(step, state, metrics)
+            raise Stopped(f"stopped by {signal.Signals(signum).name}: saved step {step} in {ckpt.root}; continue "
+                          "by running the same command with --resume", signum)
 
-        hooks = [Hook(cfg.log_every, progress), Hook(cfg.save_every, saver.save), Hook(cfg.validate_every, validate),
-                 Hook(1, stop)]
-        try:
-            state, loss = run_steps(lambda s: compiled(s, frozen, tables), state, start, cfg.steps, hooks,
-                                    saver.loss)
-        finally:
-            progress.bar.close()
+    hooks = [Hook(cfg.log_every, progress), Hook(cfg.save_every, saver.save), Hook(cfg.validate_every, validate),
+             Hook(1, stop)]
+    try:
+        state, loss = run_steps(lambda s: compiled(s, frozen, tables), state, start, cfg.steps, hooks, saver.loss)
+    finally:
+        progress.bar.close()
     return state, loss, progress.rate
 
 
