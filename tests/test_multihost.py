@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.test_train import make_concept
 
@@ -21,10 +22,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(out, concepts, model, devices, pid, nproc, port):
+def _start(out, concepts, model, devices, pid, nproc, port, **options):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "tests.multihost_worker", str(out), str(concepts), str(model), str(devices),
-            str(pid), str(nproc), str(port)]
+            str(pid), str(nproc), str(port), json.dumps(options)]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -35,7 +36,10 @@ def _result(proc):
     return json.loads(line[len("RESULT "):])
 
 
-def test_two_hosts_match_one_host(tmp_path, tiny_dirs):
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory, tiny_dirs):
+    """Four concepts trained by two hosts of two devices each, and by one host of four devices."""
+    tmp_path = tmp_path_factory.mktemp("hosts")
     concepts = tmp_path / "concepts"
     for i, name in enumerate("abcd"):
         make_concept(concepts / name, i, n=3)
@@ -44,7 +48,11 @@ def test_two_hosts_match_one_host(tmp_path, tiny_dirs):
     hosts = [_start(tmp_path / "multi", concepts, model, 2, pid, 2, port) for pid in range(2)]
     single = _start(tmp_path / "single", concepts, model, 4, 0, 1, 0)
     r0, r1 = (_result(p) for p in hosts)
-    ref = _result(single)
+    return tmp_path, concepts, model, r0, r1, _result(single)
+
+
+def test_two_hosts_match_one_host(two_hosts):
+    tmp_path, concepts, model, r0, r1, ref = two_hosts
 
     for token, want in ref["vectors"].items():
         for got in (r0["vectors"][token], r1["vectors"][token]):
@@ -88,3 +96,23 @@ def test_fsdp_sharded_frozen_weights_match_replicated(tmp_path, tiny_dirs):
         rel = np.abs(np.array(res[fsdp]) - ref).max() / np.abs(ref).max()
         print(f"fsdp={fsdp} vs replicated: max relative {rel:.2e}")
         assert rel < 1e-5
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step_and_resume_is_bitwise(tmp_path, two_hosts):
+    _, concepts, model, uninterrupted, _, _ = two_hosts
+    port = _free_port()
+    # Host 1 alone is sent SIGTERM after step 2 (of 4; checkpoints every 2): both hosts learn of it after step 3.
+    hosts = [_start(tmp_path / "run", concepts, model, 2, pid, 2, port, **({"sigterm_at": 2} if pid else {}))
+             for pid in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in hosts]
+    for proc, out in zip(hosts, outs, strict=True):
+        assert proc.returncode == 75, out[-5000:]
+        assert "STOPPED stopped by SIGTERM: saved step 3" in out, out[-5000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints" / "wave-000").iterdir() if p.name.isdigit())
+    assert saved == [2, 3]
+
+    port = _free_port()
+    hosts = [_start(tmp_path / "run", concepts, model, 2, pid, 2, port, resume=True) for pid in range(2)]
+    for result in [_result(p) for p in hosts]:
+        for token, want in uninterrupted["vectors"].items():
+            np.testing.assert_array_equal(np.array(result["vectors"][token]), np.array(want), err_msg=token)

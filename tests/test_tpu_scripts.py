@@ -186,3 +186,92 @@ def test_real_run_executes_the_dry_run_commands(args, fake_gcloud, tmp_path):
 def test_without_gcloud_a_clear_error(tmp_path):
     done = tpu("delete", *WHERE, env={"PATH": str(tmp_path)}, check=False)
     assert done.returncode == 1 and "gcloud not found" in done.stderr and "--dry-run" in done.stderr
+
+
+RETRY = ["run", *WHERE, "--retry", "3", "--accelerator", "v5litepod-16", "--spot", "--wheel", str(SCRIPT),
+         "--retry-wait", "0"]
+
+
+def test_retry_dry_run_prints_the_recovery(tmp_path):
+    plan = dry(*RETRY, "--", *INVERT)
+    first, describe, delete, create, scp, install, resume = [c for c in plan if c]
+    assert first == dry("run", *WHERE, "--", *INVERT)[0]
+    assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "my-tpu"]
+    assert delete[4:6] == ["delete", "my-tpu"]
+    assert create[4:6] == ["create", "my-tpu"] and "--spot" in create
+    assert flag(create, "--accelerator-type") == "v5litepod-16"
+    assert scp[4] == "scp" and "--worker=all" in install and "pip install" in flag(install, "--command")
+    # The resumed run: the same arguments plus --resume once the bucket holds the run's config.yaml, else as given
+    # (a run stopped before it began has nothing to resume). Checked with a real shell and stand-in tools.
+    line = flag(resume, "--command")
+    venv = tmp_path / "tix-venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "tix").write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    (venv / "python").write_text(f"#!{sys.executable}\nimport os, sys\n"
+                                 "sys.exit(0 if sys.argv[-1] in os.environ.get('EXISTS', '') else 1)\n")
+    for tool in venv.iterdir():
+        tool.chmod(0o755)
+    for exists, want in (("gs://bucket/run/config.yaml", [*INVERT, "--resume"]), ("", INVERT)):
+        shell = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True,
+                               env={**os.environ, "EXISTS": exists})
+        assert json.loads(shell.stdout) == ["invert", *want], shell.stderr
+    # A --retry needs an --out that outlives the TPU, and someone watching.
+    done = tpu(*RETRY, "--dry-run", "--", "--images", "cat", "--token", "<c>", "--out", "runs/cat", check=False)
+    assert done.returncode == 1 and "gs://" in done.stderr
+    done = tpu(*RETRY, "--detach", "--dry-run", "--", *INVERT, check=False)
+    assert done.returncode == 1 and "--detach" in done.stderr
+
+
+@pytest.fixture
+def preemptible_gcloud(tmp_path):
+    """A gcloud stand-in for one Spot TPU: the first `tix invert` ssh is cut by a preemption (status 255, TPU
+    PREEMPTED), the first create after it finds no capacity; then everything succeeds. Records every call."""
+    log, state = tmp_path / "calls.jsonl", tmp_path / "state.json"
+    state.write_text(json.dumps({"tpu": "READY", "runs": 0, "creates": 0}))
+    tool = tmp_path / "bin" / "gcloud"
+    tool.parent.mkdir()
+    tool.write_text(f"#!{sys.executable}\n" + """import json, os, sys
+args = sys.argv[1:]
+open(os.environ['FAKE_LOG'], 'a').write(json.dumps(['gcloud', *args]) + '\\n')
+path = os.environ['FAKE_STATE']
+s = json.load(open(path))
+code = 0
+if 'describe' in args:
+    print(s['tpu']) if s['tpu'] else sys.exit(1)
+elif 'delete' in args:
+    s['tpu'] = ''
+elif 'create' in args:
+    s['creates'] += 1
+    if s['creates'] == 1:
+        code = 1
+    else:
+        s['tpu'] = 'READY'
+elif 'ssh' in args and 'invert' in args[-1]:
+    s['runs'] += 1
+    if os.environ.get('FAKE_FAIL'):
+        code = int(os.environ['FAKE_FAIL'])
+    elif s['runs'] == 1:
+        s['tpu'], code = 'PREEMPTED', 255
+json.dump(s, open(path, 'w'))
+sys.exit(code)
+""")
+    tool.chmod(0o755)
+    env = {"PATH": f"{tool.parent}{os.pathsep}/usr/bin{os.pathsep}/bin", "FAKE_LOG": str(log), "FAKE_STATE": str(state)}
+    return env, lambda: [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_retry_recreates_a_preempted_tpu_and_resumes(preemptible_gcloud):
+    env, calls = preemptible_gcloud
+    plan = [c for c in dry(*RETRY, "--", *INVERT, env=env) if c]
+    done = tpu(*RETRY, "--", *INVERT, env=env)
+    assert "no capacity" in done.stderr
+    run, describe, delete, create, scp, install, resume = plan
+    # Exactly the planned commands, with the create repeated once for capacity.
+    assert calls() == [run, describe, delete, create, create, scp, install, resume]
+
+
+def test_retry_does_not_repeat_a_failing_run(preemptible_gcloud):
+    env, calls = preemptible_gcloud
+    done = tpu(*RETRY, "--", *INVERT, env={**env, "FAKE_FAIL": "2"}, check=False)  # as a bad input fails
+    assert done.returncode == 1 and "not retrying" in done.stderr
+    assert [c[4] for c in calls()] == ["ssh", "describe"]

@@ -76,14 +76,15 @@ def test_loss_falls_and_nothing_frozen_moves(tmp_path, tiny_dirs, images):
 
 def fixed_draw_loss(sd, cfg, result, draws=8):
     """Mean loss over `draws` fixed step keys, for the initial and the learned vectors."""
-    from train.invert import _initial_vectors, _tables, prepare_concepts
+    from train.invert import prepare_concepts
     from train.step import StepConfig, loss_fn
+    from train.tables import initial_vectors, wave_tables
 
     fresh = tix.load(cfg.model)
     prepared = prepare_concepts(fresh, cfg)
-    tables, _ = _tables(fresh, cfg, prepared, 1, 1, fresh.default_size, range(1))
+    tables, _ = wave_tables(fresh, cfg, prepared, 1, 1, fresh.default_size, range(1))
     tables = jax.tree.map(jax.numpy.asarray, tables)
-    init = _initial_vectors(fresh, prepared, 1, 1)
+    init = initial_vectors(fresh, prepared, 1, 1)
     step_cfg = StepConfig(16, 1, 0.5, None, None, fresh.default_size)
     fn = jax.jit(lambda v, k: loss_fn(v, fresh, step_cfg, fresh.params, tables, k)[0])
     learned = tuple(np.asarray(v) for v in result.state.vectors)
@@ -312,3 +313,62 @@ def test_a_step_that_cannot_fit_the_device_is_refused_before_training(tmp_path, 
     with pytest.raises(TixError, match=r"needs .* GB per device but the device has 0.0 GB.*remat"):
         run(_cfg(tmp_path, tiny_dirs("sd1"), images, steps=1), progress=False)
     assert not (tmp_path / "run" / "checkpoints" / "wave-000" / "1").exists()
+
+
+def test_a_symlink_loop_among_the_images_is_skipped_up_front(tmp_path, tiny_dirs, images):
+    folder = tmp_path / "looped"
+    folder.mkdir()
+    for p in images.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "a.png").symlink_to(folder / "b.png")
+    (folder / "b.png").symlink_to(folder / "a.png")
+    with pytest.warns(UserWarning, match=r"skipping .*a\.png: not a readable file"):
+        result = run(_cfg(tmp_path, tiny_dirs("sd1"), folder, steps=1), progress=False)
+    assert (tmp_path / "run" / "learned_embeds.safetensors").exists()  # the export (and its provenance) completes
+    assert sorted(p.name for p in result.images_read) == sorted(p.name for p in images.iterdir())
+
+
+def test_a_refused_run_leaves_no_trace_and_the_same_command_runs_once_fixed(tmp_path, tiny_dirs):
+    folder = tmp_path / "later"
+    folder.mkdir()
+    cfg = _cfg(tmp_path, tiny_dirs("sd1"), folder, steps=1)
+    with pytest.raises(TixError, match="no jpg, png or webp"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    make_concept(folder)
+    run(cfg, progress=False)
+    assert (tmp_path / "run" / "learned_embeds.safetensors").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_checks_everything_first_and_leaves_nothing_of_the_old_run(tmp_path, tiny_dirs, images):
+    model = tiny_dirs("sd1")
+    root = tmp_path / "concepts"
+    make_concept(root / "a", 0, n=2)
+    make_concept(root / "b", 1, n=2)
+    run(TrainConfig(model=str(model), concepts=str(root), init="cat", out=str(tmp_path / "run"), **FAST),
+        progress=False)
+    before = _snapshot(tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TixError, match="no jpg, png or webp"):
+        run(_cfg(tmp_path, model, empty, overwrite=True), progress=False)
+    assert _snapshot(tmp_path / "run") == before  # refused: the old run is whole
+    run(_cfg(tmp_path, model, images, overwrite=True, steps=1), progress=False)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "embeddings" not in names and "learned_embeds.safetensors" in names  # only the new run's outputs
+    from tix.library import Library
+
+    assert [e.concept.token for e in Library(tmp_path / "run" / "tokens").entries()] == ["<thing>"]
+
+
+def test_resume_accepts_the_same_image_folder_spelled_differently(tmp_path, tiny_dirs, images, monkeypatch):
+    monkeypatch.chdir(images.parent)
+    run(_cfg(tmp_path, tiny_dirs("sd1"), images.name, steps=1), progress=False)
+    result = run(_cfg(tmp_path, tiny_dirs("sd1"), f"{images}/", steps=2, resume=True), progress=False)
+    assert result.steps == 2
+    with pytest.raises(ConfigError, match="changed: images"):  # a different folder is still refused
+        run(_cfg(tmp_path, tiny_dirs("sd1"), str(tmp_path), steps=2, resume=True), progress=False)

@@ -141,9 +141,9 @@ def _invert(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     try:
         result = run(cfg)
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt as stop:  # train.stop.Stopped after saving (75 on SIGTERM, 130 on Ctrl-C), or Ctrl-C
         print(f"\n{stop}", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
     print(summary(result))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,7 @@ def resolve_concept(spec: ConceptSpec, cfg: TrainConfig) -> Concept:
         raise ConfigError(f"{spec.token}: image folder {folder} does not exist")
     listing = fs.listdir(folder)  # one listing request on an object store, not one per file
     names = {p.name for p in listing}
-    files = tuple(p for p in listing if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = _readable(tuple(p for p in listing if p.suffix.lower() in IMAGE_SUFFIXES), folder)
     style = cfg.style if spec.style is None else spec.style
     init = spec.init or cfg.init or ("painting" if style else "sculpture")
     vectors = spec.vectors or cfg.vectors
@@ -139,6 +140,22 @@ def check_prompts_fit(sd: StableDiffusion, concept: Concept) -> None:
             f"{counts[worst]} tokens, but the text encoder reads at most {sd.max_length} (start and end included); "
             f"use {fewer}shorter prompts or captions"
         )
+
+
+def _readable(files: tuple[fs.Path, ...], folder: fs.Path) -> tuple[fs.Path, ...]:
+    """The files that can be read. A symlink that loops or points nowhere, a folder named like an image, or a file
+    without read permission is skipped here, with a warning, rather than failing after training (the run's
+    provenance hash reads every image file)."""
+    if fs.is_remote(folder):  # an object store lists only objects
+        return files
+    kept = []
+    for p in files:
+        if os.path.isfile(p) and os.access(p, os.R_OK):
+            kept.append(p)
+        else:
+            warnings.warn(f"skipping {p}: not a readable file (a symlink that loops or points nowhere, a folder, "
+                          "or no read permission)", stacklevel=3)
+    return tuple(kept)
 
 
 def _caption_template(path: fs.Path, token: str) -> str:

@@ -5,6 +5,7 @@ The edges live here (files, progress, signals, checkpoints); the math is `train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
@@ -29,8 +29,11 @@ from tix.pipeline import StableDiffusion
 from train import cost, data
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
+from train.loop import Hook, run_steps
 from train.report import MetricsLog, grid, loss_curve, write_html
-from train.step import Layout, StepConfig, Tables, TrainState, make_optimizer, train_step
+from train.step import Layout, StepConfig, TrainState, make_optimizer, train_step
+from train.stop import Stopped, StopRequests
+from train.tables import Prepared, initial_vectors, plan_layout, wave_tables
 
 log = logging.getLogger("tix")
 
@@ -48,57 +51,71 @@ class Result:
     images_read: list[Path]  # the image files this process decoded (its share of the data)
 
 
-class _Interrupt:
-    """Turns Ctrl-C into a flag the loop checks between steps, so the state is saved before exiting."""
-
-    def __init__(self):
-        self.hit = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, *_):
-        self.hit = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+# Everything a run writes in its folder besides config.yaml: what --overwrite clears.
+RUN_OUTPUTS = ("checkpoints", "validation", "tensorboard", "tokens", "embeddings", "learned_embeds.safetensors",
+               "metrics.jsonl", "loss.png", "report.html")
+PATH_FIELDS = ("model", "images", "concepts", "init_from")
 
 
-def _prepare_out(cfg: TrainConfig) -> fs.Path:
+def _check_out(cfg: TrainConfig) -> fs.Path:
+    """The run folder, once it is clear this run may use it. Nothing is written: a run refused later (bad images,
+    a wrong initializer word) leaves the folder as it was, and the same command can be run again."""
     out = fs.path(cfg.out)  # local or gs://: every write under it goes through tix.fs or orbax
     fs.check_supported(out, checkpoints=True)
     saved = out / "config.yaml"
     if fs.exists(saved):
-        old = TrainConfig(**yaml.safe_load(fs.read_text(saved)))
         if cfg.overwrite:
-            for name in ("checkpoints", "validation", "tensorboard", "tokens"):
-                fs.rmtree(out / name)
-            for name in ("metrics.jsonl", "loss.png", "report.html"):
-                (out / name).unlink(missing_ok=True)
-        elif not cfg.resume:
+            return out
+        if not cfg.resume:
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it, --overwrite to start it again, "
                 "or choose another --out"
             )
-        elif old.identity() != cfg.identity():
+        old, new = _comparable(TrainConfig(**yaml.safe_load(fs.read_text(saved)))), _comparable(cfg)
+        if old.identity() != new.identity():
             ignored = ("resume", "overwrite", "steps")
             changed = [f.name for f in dataclasses.fields(TrainConfig)
-                       if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in ignored]
+                       if getattr(old, f.name) != getattr(new, f.name) and f.name not in ignored]
             raise ConfigError(
                 f"{out} was trained with a different config (changed: {', '.join(changed)}); resume with the "
                 "same settings, or use --overwrite / another --out"
             )
     elif cfg.resume:
         raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml)")
-    if jax.process_count() > 1:  # every host checks the folder before the first one writes to it
+    return out
+
+
+def _comparable(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its input paths resolved, so that one folder spelled two ways (relative and absolute, with a
+    trailing slash, through a symlink) is the same run."""
+    return dataclasses.replace(cfg, **{name: _resolved(getattr(cfg, name)) for name in PATH_FIELDS})
+
+
+def _resolved(p: str | None) -> str | None:
+    if p is None or fs.is_remote(p):
+        return p.rstrip("/") if p else p
+    local = Path(p).expanduser()
+    return str(local.resolve()) if local.exists() else p  # not a path: a Hub id or "toyworld"
+
+
+def _claim_out(cfg: TrainConfig, out: fs.Path) -> None:
+    """Called once the run can start: clear what an overwritten run wrote, then record this run's config. (Every
+    host has checked the folder before the first one writes to it.)"""
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("tix: run folder checked")
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        saved.write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
-    return out
+        if cfg.overwrite:
+            for name in RUN_OUTPUTS:
+                if fs.is_dir(out / name):
+                    fs.rmtree(out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)
+        (out / "config.yaml").write_text(dataclasses.replace(cfg, resume=False, overwrite=False).to_yaml())
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tix: run folder ready")
 
 
 def init_vectors(sd: StableDiffusion, init: str, n: int) -> list[np.ndarray]:
@@ -131,29 +148,6 @@ def _check_resolution(sd: StableDiffusion, resolution: int) -> None:
                           f"try {lower} or {lower + multiple}")
 
 
-def _encode_latents(sd: StableDiffusion, pixels: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """VAE latent distributions (unscaled mean, std) of every view, once per run."""
-    flat = pixels.reshape(-1, *pixels.shape[-3:])
-    encode = jax.jit(sd.encode_fn)
-    means, stds = [], []
-    for i in range(0, len(flat), chunk):
-        mean, logvar = encode(sd.params, jnp.asarray(flat[i:i + chunk]))
-        means.append(np.asarray(mean, np.float32))
-        stds.append(np.exp(0.5 * np.asarray(logvar, np.float32)))
-    shape = pixels.shape[:-3]
-    mean, std = np.concatenate(means), np.concatenate(stds)
-    return mean.reshape(*shape, *mean.shape[1:]), std.reshape(*shape, *std.shape[1:])
-
-
-@dataclasses.dataclass
-class _Prepared:
-    """What every process knows about a concept (cheap: no image is decoded)."""
-
-    concept: data.Concept
-    init: list[np.ndarray]
-    seed: int
-
-
 def _concept_seed(run_seed: int, token: str) -> int:
     """A concept's random stream depends on the run seed and its token only, not on its neighbours in the run."""
     import zlib
@@ -161,7 +155,7 @@ def _concept_seed(run_seed: int, token: str) -> int:
     return (run_seed * 1_000_003 + zlib.crc32(token.encode())) % (2**32)
 
 
-def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
+def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[Prepared]:
     """Resolve every concept and register its token (with its initial vectors) on every process."""
     specs = data.concept_specs(cfg)
     tokens = [s.token for s in specs]
@@ -188,7 +182,7 @@ def prepare_concepts(sd: StableDiffusion, cfg: TrainConfig) -> list[_Prepared]:
             for name in data.image_tokens(concept.token, len(concept.images)):
                 sd.add_tokens(name, [v[:1] for v in init])
             init = [np.concatenate([v, np.repeat(v[:1], len(concept.images), axis=0)]) for v in init]
-        prepared.append(_Prepared(concept, init, _concept_seed(cfg.seed, concept.token)))
+        prepared.append(Prepared(concept, init, _concept_seed(cfg.seed, concept.token)))
     return prepared
 
 
@@ -211,106 +205,7 @@ def _init_from(sd: StableDiffusion, cfg: TrainConfig, tokens: list[str]) -> dict
     return starts
 
 
-def _views(cfg: TrainConfig) -> int:
-    return 2 * (1 if cfg.center_crop else cfg.random_crops)
-
-
-def _slot_tables(sd: StableDiffusion, cfg: TrainConfig, p: _Prepared | None, slot: int, n_max: int, resolution: int,
-                 i_max: int, p_max: int) -> dict[str, Any]:
-    """One slot's rows of the tables. Decodes and encodes the concept's images (the expensive part, done only by the
-    process whose devices use them). `p=None` is a weight-0 filler slot."""
-    latent = resolution // sd.vae_scale_factor
-    shape = (i_max, _views(cfg), latent, latent, sd.unet.config.in_channels)
-    if p is None:
-        ids = sd.tokenize([""])
-        init = tuple(np.zeros((n_max, side.width), np.float32) for side in sd.text)
-        return dict(latent_mean=np.zeros(shape, np.float32), latent_std=np.ones(shape, np.float32), n_images=1,
-                    n_crops=1, prompt_ids=tuple(np.repeat(i, p_max, axis=0) for i in ids), n_prompts=1,
-                    per_image=False, seed=0, weight=0.0, files=[], n_vectors=1, init_vectors=init)
-    pixels, prompts, files = data.load_concept_pixels(p.concept, cfg, resolution)
-    mean, std = _encode_latents(sd, pixels)
-    image_tokens = None
-    if cfg.per_image_tokens:  # the tokens of the images that loaded, in the order of the image table
-        names = data.image_tokens(p.concept.token, len(p.concept.images))
-        image_tokens = [names[p.concept.images.index(f)] for f in files]
-    ids = sd.tokenize(data.training_prompts(prompts, p.concept.token, image_tokens, p.concept.per_image_captions))
-    rows = p.init[0].shape[0]  # the token's vectors, then its per-image tokens: one block of ids
-    prompt_ids = []
-    for e, side in enumerate(sd.text):
-        # Renumber placeholder ids so slot s, vector j reads row s * n_max + j of the step's vectors.
-        side_ids = ids[e].copy()
-        first = side.vocab_size + side.added.index(p.concept.token)
-        mask = (side_ids >= first) & (side_ids < first + rows)
-        side_ids[mask] = side.vocab_size + slot * n_max + (side_ids[mask] - first)
-        prompt_ids.append(_pad_to(side_ids, p_max))
-    init = tuple(np.pad(v, ((0, n_max - rows), (0, 0))) for v in p.init)
-    return dict(latent_mean=_pad_to(mean, i_max), latent_std=_pad_to(std, i_max), n_images=mean.shape[0],
-                n_crops=mean.shape[1] // 2, prompt_ids=tuple(prompt_ids), n_prompts=len(prompts),
-                per_image=p.concept.per_image_captions, seed=p.seed, weight=1.0, files=files,
-                n_vectors=p.concept.vectors, init_vectors=init)
-
-
-def _prompt_rows(p: _Prepared, cfg: TrainConfig) -> int:
-    """An upper bound of the concept's prompt-table rows (`data.training_prompts`; unreadable images lower it)."""
-    plain = len(p.concept.prompts)
-    if not cfg.per_image_tokens:
-        return plain
-    return 2 * plain if p.concept.per_image_captions else plain * (1 + len(p.concept.images))
-
-
-def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
-    return np.concatenate([a, np.repeat(a[-1:], n - a.shape[0], axis=0)]) if a.shape[0] < n else a
-
-
-def _tables(sd: StableDiffusion, cfg: TrainConfig, wave: list[_Prepared], slots: int, n_max: int, resolution: int,
-            owned: range) -> tuple[Tables, list[Path]]:
-    """The wave's tables for the slots in `owned` (this process's share), stacked; and the image files decoded."""
-    i_max = max(len(p.concept.images) for p in wave)
-    p_max = max(_prompt_rows(p, cfg) for p in wave)
-    parts = [_slot_tables(sd, cfg, wave[s] if s < len(wave) else None, s, n_max, resolution, i_max, p_max)
-             for s in owned]
-    tables = Tables(
-        latent_mean=np.stack([q["latent_mean"] for q in parts]),
-        latent_std=np.stack([q["latent_std"] for q in parts]),
-        n_images=np.array([q["n_images"] for q in parts], np.int32),
-        n_crops=np.array([q["n_crops"] for q in parts], np.int32),
-        prompt_ids=tuple(np.stack([q["prompt_ids"][e] for q in parts]) for e in range(len(sd.text))),
-        n_prompts=np.array([q["n_prompts"] for q in parts], np.int32),
-        per_image=np.array([q["per_image"] for q in parts]),
-        seeds=np.array([q["seed"] for q in parts], np.uint32),
-        weight=np.array([q["weight"] for q in parts], np.float32),
-        n_vectors=np.array([q["n_vectors"] for q in parts], np.int32),
-        init_vectors=tuple(np.stack([q["init_vectors"][e] for q in parts]) for e in range(len(sd.text))),
-    )
-    return tables, [f for q in parts for f in q["files"]]
-
-
-def _initial_vectors(sd: StableDiffusion, wave: list[_Prepared], slots: int, n_max: int) -> tuple[np.ndarray, ...]:
-    out = []
-    for e, side in enumerate(sd.text):
-        rows = np.zeros((slots, n_max, side.width), np.float32)
-        for s, p in enumerate(wave):
-            rows[s, :p.init[e].shape[0]] = p.init[e]
-        out.append(rows)
-    return tuple(out)
-
-
-def plan_layout(num_concepts: int, batch_size: int, devices: int) -> tuple[int, bool]:
-    """(slots, sharded_tables): how many concept slots a step holds (real ones plus weight-0 fillers) and whether
-    the concept tables are split over the devices.
-
-    With at least as many concepts as devices, every device computes whole concepts and holds only their tables, so
-    each host reads and encodes only its own concepts' images. With fewer, a concept's rows spread over several
-    devices and the (small) tables are replicated."""
-    if num_concepts >= devices:
-        return -(-num_concepts // devices) * devices, True
-    slots = num_concepts
-    while (slots * batch_size) % devices:
-        slots += 1
-    return slots, False
-
-
-def _set_token_vectors(sd: StableDiffusion, wave: list[_Prepared], vectors: tuple[np.ndarray, ...]) -> None:
+def _set_token_vectors(sd: StableDiffusion, wave: list[Prepared], vectors: tuple[np.ndarray, ...]) -> None:
     """Copy a wave's current vectors into the model's placeholder rows (for validation and the final export)."""
     for e, side in enumerate(sd.text):
         for s, p in enumerate(wave):
@@ -325,7 +220,7 @@ def validation_prompts(cfg: TrainConfig, style: bool) -> tuple[str, ...]:
 
 
 def _validate(
-    sd: StableDiffusion, cfg: TrainConfig, out: Path, step: int, wave: list[_Prepared], resolution: int
+    sd: StableDiffusion, cfg: TrainConfig, out: Path, step: int, wave: list[Prepared], resolution: int
 ) -> None:
     folder = out / "validation" / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -343,7 +238,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     """Train every concept of `cfg`; returns the learned vectors. Writes checkpoints, metrics and exports to cfg.out."""
     cfg.check()
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    out = _prepare_out(cfg)
+    out = _check_out(cfg)
     is_main = jax.process_index() == 0
     if sd is None:
         sd = tix.load(cfg.model, cfg.dtype, compute_dtype=cfg.compute_dtype)
@@ -352,6 +247,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     resolution = cfg.resolution or sd.default_size
     _check_resolution(sd, resolution)
     prepared = prepare_concepts(sd, cfg)
+    _claim_out(cfg, out)
 
     mesh = parallel.make_mesh(fsdp=cfg.fsdp)
     wave_size = min(cfg.concepts_per_step, len(prepared))
@@ -378,20 +274,23 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     compile_seconds = 0.0
     final_loss = math.nan
     rates, files_read = [], []
-    try:
+    requests = StopRequests(mesh)
+    context = _RunContext(cfg, sd, out, resolution, metrics_log, progress and is_main, requests)
+    with requests, contextlib.closing(metrics_log):
         for w, wave in enumerate(waves):
-            local, files = _tables(sd, cfg, wave, slots, n_max, resolution, owned)
+            local, files = wave_tables(sd, cfg, wave, slots, n_max, resolution, owned)
             files_read += files
             tables = jax.tree.map(
                 lambda x: jax.make_array_from_process_local_data(table_sharding, x, (slots, *x.shape[1:])), local
             )
-            vectors = _initial_vectors(sd, wave, slots, n_max)
+            vectors = initial_vectors(sd, wave, slots, n_max)
             state = TrainState(vectors, optimizer.init(vectors), np.zeros((), np.int32))
             state = parallel.put_replicated(state, mesh)
             ckpt = Checkpoints(out / "checkpoints" / f"wave-{w:03d}", cfg.keep_checkpoints)
             tokens = [p.concept.token for p in wave]
-            if cfg.resume and ckpt.latest() is not None:
-                state, meta = ckpt.restore(state)
+            restored = ckpt.restore_latest(state) if cfg.resume else None
+            if restored is not None:
+                state, meta = restored
                 if meta.get("tokens") != tokens:
                     raise ConfigError(f"checkpoint of wave {w} holds {meta.get('tokens')}, expected {tokens}")
                 log.info("resumed wave %d at step %d", w, int(parallel.to_host(state.step)))
@@ -402,14 +301,12 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                 compile_seconds = time.perf_counter() - t0
                 _describe(lowered, compiled, slots * cfg.batch_size * cfg.grad_accum, compile_seconds, is_main)
             state, final_loss, rate = _train_wave(
-                compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, metrics_log,
-                progress and is_main, f"wave {w + 1}/{len(waves)}" if len(waves) > 1 else "",
+                context, compiled, state, frozen, tables, wave, ckpt,
+                f"wave {w + 1}/{len(waves)}" if len(waves) > 1 else "",
             )
             rates.append(rate)
             _set_token_vectors(sd, wave, tuple(parallel.to_host(v) for v in state.vectors))
             ckpt.close()
-    finally:
-        metrics_log.close()
     learned = {
         p.concept.token: {side.name: np.array(side.extra[side.added.index(p.concept.token):][:p.concept.vectors])
                           for side in sd.text}
@@ -426,7 +323,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                   float(np.mean(rates)) if rates else 0.0, files_read)
 
 
-def _warn_unreached_vectors(cfg: TrainConfig, prepared: list[_Prepared]) -> None:
+def _warn_unreached_vectors(cfg: TrainConfig, prepared: list[Prepared]) -> None:
     """Progressive runs too short to switch every vector on export those vectors at their initial value."""
     if not cfg.progressive_every:
         return
@@ -463,70 +360,104 @@ def device_memory_limit() -> int | None:
     return stats.get("bytes_limit")
 
 
-def _train_wave(compiled, state, frozen, tables, cfg, ckpt, tokens, sd, wave, out, resolution, metrics_log,
-                show, label) -> tuple[TrainState, float, float]:
-    from tqdm import tqdm
+@dataclasses.dataclass
+class _RunContext:
+    """What the side work of every wave needs from the run."""
 
-    start = int(parallel.to_host(state.step))
-    last_saved = ckpt.latest()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=label or "invert", dynamic_ncols=True)
-    ema = None
-    images = len(wave) * cfg.batch_size * cfg.grad_accum
-    t_last, done_since = time.perf_counter(), 0
-    rate = 0.0
-    pending = None  # (step, metrics) of the previous step, read one step late so the host never stalls the device
-    loss_value = math.nan
+    cfg: TrainConfig
+    sd: StableDiffusion
+    out: fs.Path
+    resolution: int
+    metrics_log: MetricsLog
+    show: bool  # a progress bar
+    stop: StopRequests
 
-    def check(step: int, metrics) -> float:
+
+class _Saver:
+    """A wave's checkpoints, and the loss check that keeps a non-finite state from being saved."""
+
+    def __init__(self, ckpt: Checkpoints, tokens: list[str], cfg: TrainConfig):
+        self.ckpt = ckpt
+        self.meta = {"tokens": tokens, "config": cfg.identity()}
+        self.last = ckpt.latest()
+
+    def loss(self, step: int, metrics: dict[str, Any]) -> float:
         loss = float(parallel.to_host(metrics["loss"]))
         if not math.isfinite(loss):
             raise TixError(
                 f"the loss became {loss} at step {step}; training stopped. The last good checkpoint "
-                f"({'step ' + str(last_saved) if last_saved is not None else 'none yet'}) is intact in {ckpt.root}. "
-                "Lower --lr, enable --set max_grad_norm=1.0, or use float32 (--set dtype=float32)."
+                f"({'step ' + str(self.last) if self.last is not None else 'none yet'}) is intact in "
+                f"{self.ckpt.root}. Lower --lr, enable --set max_grad_norm=1.0, or use float32 (--set dtype=float32)."
             )
         return loss
 
-    with _Interrupt() as interrupt:
-        step = start
-        while step < cfg.steps:
-            state, metrics = compiled(state, frozen, tables)
-            step += 1
-            if pending is not None:
-                loss_value = check(*pending)
-            pending = (step, metrics)
-            done_since += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_value = check(*pending)
-                now = time.perf_counter()
-                rate = images * done_since / (now - t_last)
-                t_last, done_since = now, 0
-                ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
-                values = {"loss": loss_value, "images_per_s": rate}
-                for stem, pl, gn in zip(output_stems(tokens), parallel.to_host(metrics["concept_loss"]),
-                                        parallel.to_host(metrics["grad_norm"]), strict=False):
-                    values[f"loss/{stem}"] = float(pl)
-                    values[f"grad_norm/{stem}"] = float(gn)
-                metrics_log.log(step, values)
-                bar.set_postfix(loss=f"{ema:.4f}", img_s=f"{rate:.2f}")
-            bar.update(1)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                check(*pending)
-                ckpt.save(step, state, {"tokens": tokens, "config": cfg.identity()})
-                last_saved = step
-            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                _set_token_vectors(sd, wave, tuple(parallel.to_host(v) for v in state.vectors))
-                if jax.process_index() == 0:
-                    _validate(sd, cfg, out, step, wave, resolution)
-            if interrupt.hit:
-                check(*pending)
-                ckpt.save(step, state, {"tokens": tokens, "config": cfg.identity()})
-                bar.close()
-                raise KeyboardInterrupt(f"interrupted: saved step {step} in {ckpt.root}; continue with --resume")
-    bar.close()
-    if pending is not None:
-        loss_value = check(*pending)
-    return state, loss_value, rate
+    def save(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        if step == self.last:
+            return
+        self.loss(step, metrics)
+        self.ckpt.save(step, state, self.meta)
+        self.last = step
+
+
+class _Progress:
+    """The log hook: loss, per-concept loss and gradient norm and speed to the metrics log and the progress bar."""
+
+    def __init__(self, context: _RunContext, saver: _Saver, tokens: list[str], start: int, label: str):
+        cfg = context.cfg
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not context.show, desc=label or "invert",
+                        dynamic_ncols=True)
+        self.saver, self.metrics_log, self.stems = saver, context.metrics_log, output_stems(tokens)
+        self.images_per_step = len(tokens) * cfg.batch_size * cfg.grad_accum
+        self.t_last, self.step_last = time.perf_counter(), start
+        self.ema: float | None = None
+        self.rate = 0.0
+
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        loss = self.saver.loss(step, metrics)
+        now = time.perf_counter()
+        self.rate = self.images_per_step * (step - self.step_last) / (now - self.t_last)
+        self.t_last, self.step_last = now, step
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        values = {"loss": loss, "images_per_s": self.rate}
+        for stem, pl, gn in zip(self.stems, parallel.to_host(metrics["concept_loss"]),
+                                parallel.to_host(metrics["grad_norm"]), strict=False):
+            values[f"loss/{stem}"] = float(pl)
+            values[f"grad_norm/{stem}"] = float(gn)
+        self.metrics_log.log(step, values)
+        self.bar.set_postfix(loss=f"{self.ema:.4f}", img_s=f"{self.rate:.2f}")
+        self.bar.update(step - self.bar.n)
+
+
+def _train_wave(context: _RunContext, compiled, state: TrainState, frozen, tables, wave: list[Prepared],
+                ckpt: Checkpoints, label: str) -> tuple[TrainState, float, float]:
+    """Train one wave to `cfg.steps`; returns its state, last loss and images per second."""
+    cfg = context.cfg
+    tokens = [p.concept.token for p in wave]
+    start = int(parallel.to_host(state.step))
+    saver = _Saver(ckpt, tokens, cfg)
+    progress = _Progress(context, saver, tokens, start, label)
+
+    def validate(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        _set_token_vectors(context.sd, wave, tuple(parallel.to_host(v) for v in state.vectors))
+        if jax.process_index() == 0:
+            _validate(context.sd, cfg, context.out, step, wave, context.resolution)
+
+    def stop(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        signum = context.stop.agreed()
+        if signum:
+            saver.save(step, state, metrics)
+            raise Stopped(f"stopped by {signal.Signals(signum).name}: saved step {step} in {ckpt.root}; continue "
+                          "by running the same command with --resume", signum)
+
+    hooks = [Hook(cfg.log_every, progress), Hook(cfg.save_every, saver.save), Hook(cfg.validate_every, validate),
+             Hook(1, stop)]
+    try:
+        state, loss = run_steps(lambda s: compiled(s, frozen, tables), state, start, cfg.steps, hooks, saver.loss)
+    finally:
+        progress.bar.close()
+    return state, loss, progress.rate
 
 
 def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, learned: dict[str, dict[str, np.ndarray]]) -> None:

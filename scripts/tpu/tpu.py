@@ -8,6 +8,8 @@ library is used, so this runs on any machine with the Google Cloud CLI (and with
   python scripts/tpu/tpu.py create  --name my-tpu --zone us-west4-a --accelerator v5litepod-8 [--spot] [--queued]
   python scripts/tpu/tpu.py install --name my-tpu --zone us-west4-a            # builds a wheel of this checkout
   python scripts/tpu/tpu.py run     --name my-tpu --zone us-west4-a -- --model ... --out gs://bucket/run
+  python scripts/tpu/tpu.py run     --name my-tpu --zone us-west4-a --retry 10 --accelerator v5litepod-8 --spot \
+                                    -- --model ... --out gs://bucket/run    # survives preemption
   python scripts/tpu/tpu.py fetch   --src gs://bucket/run --dest runs/run
   python scripts/tpu/tpu.py delete  --name my-tpu --zone us-west4-a [--queued]
 
@@ -33,6 +35,8 @@ RUNTIMES = [("v6e", "v2-alpha-tpuv6e"), ("v5litepod", "v2-alpha-tpuv5-lite"), ("
             ("v5p", "v2-alpha-tpuv5"), ("v4", "tpu-ubuntu2204-base"), ("v3", "tpu-ubuntu2204-base"),
             ("v2", "tpu-ubuntu2204-base")]
 LOG = "tix-invert.log"  # on each worker, for --detach
+STOPPED = 75  # `tix invert`'s exit status after saving on SIGTERM (train/stop.py)
+SSH_FAILED = 255  # ssh's own failure: the connection dropped, as when the VM goes away
 
 
 class Fail(Exception):
@@ -162,11 +166,92 @@ def run(args: argparse.Namespace) -> list[list[str]]:
         raise Fail("give the `tix invert` arguments after --, e.g. run --name N --zone Z -- --model M --images "
                    "gs://b/cat --token '<my-cat>' --out gs://b/run")
     out = _flag_value(args.invert_args, "--out")
-    if out is None or not out.startswith("gs://"):
+    if args.retry:
+        if out is None or not out.startswith("gs://"):
+            raise Fail("--retry resumes from the checkpoints in --out, which must outlive the TPU: give a gs:// --out")
+        if args.detach:
+            raise Fail("--retry watches the run, so it cannot --detach; run this script itself in the background")
+    elif out is None or not out.startswith("gs://"):
         print(f"note: --out {out or '(default runs/demo)'} is on worker 0's disk (only process 0 writes); use a "
               f"gs:// path to write to Cloud Storage, or `fetch --src PATH` to copy it from worker 0",
               file=sys.stderr)
     return [_ssh_all(args, remote_invert(args, args.invert_args))]
+
+
+def remote_resume(args: argparse.Namespace) -> str:
+    """The shell line each worker runs after a preemption: the same `tix invert` with --resume if the run folder
+    already holds a run (its config.yaml), else as first given (it was stopped before it started)."""
+    if "--resume" in args.invert_args:
+        return remote_invert(args, args.invert_args)
+    config = _flag_value(args.invert_args, "--out").rstrip("/") + "/config.yaml"
+    probe = (f"{shlex.quote(args.venv)}/bin/python -c "
+             f"{shlex.quote('import sys; from tix import fs; sys.exit(not fs.exists(sys.argv[1]))')} "
+             f"{shlex.quote(config)}")
+    return (f"if {probe}; then {remote_invert(args, [*args.invert_args, '--resume'])}; "
+            f"else {remote_invert(args, args.invert_args)}; fi")
+
+
+def state_command(args: argparse.Namespace) -> list[str]:
+    return TPU_VM + ["describe", args.name, *_where(args), "--format=value(state)"]
+
+
+def recreate(args: argparse.Namespace) -> list[list[str]]:
+    """Delete the preempted TPU (a preempted TPU VM stays, in state PREEMPTED, until deleted) and create it again."""
+    return delete(args) + create(args)
+
+
+def run_with_retry(args: argparse.Namespace) -> None:
+    """Run; whenever the TPU is preempted, wait for capacity, recreate it, reinstall tix and resume from the
+    checkpoints in the bucket, up to --retry times. A run that fails on a healthy TPU is not retried."""
+    command = _ssh_all(args, remote_invert(args, args.invert_args))
+    for attempt in range(args.retry + 1):
+        status = _status(command)
+        if status == 0:
+            return
+        state = _tpu_state(args)
+        if state == "READY" and status not in (STOPPED, SSH_FAILED):
+            raise Fail(f"tix invert failed (status {status}) on a healthy TPU; not retrying")
+        if attempt == args.retry:
+            break
+        print(f"tpu.py: run stopped (status {status}, TPU {state or 'gone'}); resuming "
+              f"({attempt + 1} of {args.retry})", file=sys.stderr, flush=True)
+        if state != "READY":
+            _status(delete(args)[0])  # may already be gone
+            _create_when_capacity(args)
+            execute(install(args))
+        command = _ssh_all(args, remote_resume(args))
+    raise Fail(f"the run was stopped {args.retry + 1} times; resume it with the same command")
+
+
+def _tpu_state(args: argparse.Namespace) -> str:
+    done = subprocess.run(state_command(args), capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _create_when_capacity(args: argparse.Namespace) -> None:
+    while True:
+        if _status(create(args)[0]) == 0:
+            break
+        print(f"tpu.py: no capacity for {args.accelerator} yet; trying again in {args.retry_wait:.0f} s",
+              file=sys.stderr, flush=True)
+        time.sleep(args.retry_wait)
+    if args.queued:
+        wait_active(args)
+
+
+def retry_plan(args: argparse.Namespace) -> list[str]:
+    """What --retry does, as the dry run prints it: the commands, and when each runs."""
+    line = shlex.join
+    plan = [line(c) for c in run(args)]
+    plan.append(f"# if it stops (TPU not READY, or status {STOPPED} or {SSH_FAILED}), up to {args.retry} times:")
+    plan.append(line(state_command(args)))
+    plan += [f"{line(c)}  # when the TPU is not READY" for c in delete(args)]
+    plan += [f"{line(c)}  # repeated every {args.retry_wait:.0f} s until there is capacity" for c in create(args)]
+    if args.queued:
+        plan.append(f"{line(wait_command(args))}  # repeated until ACTIVE")
+    plan += [line(c) for c in install(args)]
+    plan.append(line(_ssh_all(args, remote_resume(args))))
+    return plan
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -215,27 +300,43 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
 
-    c = sub.add_parser("create", parents=[common], help="create a TPU VM or pod slice")
-    c.add_argument("--accelerator", default="v5litepod-8", help="e.g. v5litepod-8, v5litepod-16, v4-32, v6e-8")
-    c.add_argument("--version", help="TPU software version; default from the accelerator, e.g. v2-alpha-tpuv5-lite")
-    c.add_argument("--spot", action="store_true", help="Spot capacity: cheaper, may be preempted")
-    c.add_argument("--queued", action="store_true", help="request through a queued resource (waits for capacity)")
-    c.add_argument("--wait", action="store_true", help="with --queued: poll until the TPU VMs are ACTIVE")
-    c.add_argument("--labels", help="KEY=VALUE,... labels for the TPU")
-    c.set_defaults(fn=create)
-
-    i = sub.add_parser("install", parents=[common, venv], help="install tix on every worker")
-    source = i.add_mutually_exclusive_group()
+    # How to create the TPU and install tix: for `create` and `install`, and for `run --retry`, which does both again
+    # after a preemption.
+    creating = argparse.ArgumentParser(add_help=False)
+    creating.add_argument("--accelerator", default="v5litepod-8", help="e.g. v5litepod-8, v5litepod-16, v4-32, v6e-8")
+    creating.add_argument("--version", help="TPU software version; default from the accelerator, e.g. "
+                                            "v2-alpha-tpuv5-lite")
+    creating.add_argument("--spot", action="store_true", help="Spot capacity: cheaper, may be preempted")
+    creating.add_argument("--queued", action="store_true",
+                          help="request through a queued resource (waits for capacity)")
+    creating.add_argument("--labels", help="KEY=VALUE,... labels for the TPU")
+    installing = argparse.ArgumentParser(add_help=False)
+    source = installing.add_mutually_exclusive_group()
     source.add_argument("--wheel", help="a wheel or sdist file to copy and install (default: build this checkout)")
     source.add_argument("--git", help="install from a git URL[@REF], e.g. https://github.com/you/tix@main")
     source.add_argument("--pip", help="a pip requirement, e.g. 'tix[tpu]==0.1.0'")
-    i.add_argument("--extras", default="tpu", help="tix extras, comma-separated (default: tpu; add tfds for --tfds)")
+    installing.add_argument("--extras", default="tpu",
+                            help="tix extras, comma-separated (default: tpu; add tfds for --tfds)")
+
+    c = sub.add_parser("create", parents=[common, creating], help="create a TPU VM or pod slice")
+    c.add_argument("--wait", action="store_true", help="with --queued: poll until the TPU VMs are ACTIVE")
+    c.set_defaults(fn=create)
+
+    i = sub.add_parser("install", parents=[common, venv, installing], help="install tix on every worker")
     i.set_defaults(fn=install)
 
-    r = sub.add_parser("run", parents=[common, venv], help="run `tix invert ARGS` on all workers (ARGS after --)",
-                       usage="tpu.py run --name NAME --zone ZONE [--detach] [--env K=V] -- TIX_INVERT_ARGS...")
+    r = sub.add_parser("run", parents=[common, venv, creating, installing],
+                       help="run `tix invert ARGS` on all workers (ARGS after --)",
+                       usage="tpu.py run --name NAME --zone ZONE [--detach] [--env K=V] [--retry N [create and "
+                             "install options]] -- TIX_INVERT_ARGS...")
     r.add_argument("--detach", action="store_true", help=f"run in the background (nohup), output in ~/{LOG}")
     r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment for the run")
+    r.add_argument("--retry", type=int, default=0, metavar="N",
+                   help="when the TPU is preempted: wait for capacity, recreate it (with the create options given "
+                        "here), reinstall tix (install options) and resume from the checkpoints in the gs:// --out; "
+                        "up to N times")
+    r.add_argument("--retry-wait", type=float, default=60.0, metavar="S",
+                   help="seconds between attempts to create the TPU while there is no capacity (default 60)")
     r.set_defaults(fn=run)
 
     f = sub.add_parser("fetch", parents=[common], help="copy a run's outputs here")
@@ -248,6 +349,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--queued", action="store_true", help="it was created with --queued")
     d.set_defaults(fn=delete)
     return p
+
+
+def _status(command: list[str]) -> int:
+    print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
+    try:
+        return subprocess.run(command).returncode
+    except FileNotFoundError:
+        raise Fail(f"{command[0]} not found: install the Google Cloud CLI (https://cloud.google.com/sdk), "
+                   f"or add --dry-run to print the commands") from None
 
 
 def execute(commands: list[list[str]]) -> None:
@@ -277,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         commands = args.fn(args)
+        if args.action == "run" and args.retry:
+            if args.dry_run:
+                print("\n".join(retry_plan(args)))
+            else:
+                run_with_retry(args)
+            return 0
         if args.dry_run:
             for command in commands:
                 print(shlex.join(command))
