@@ -92,6 +92,9 @@ def invert(model: str, concepts: list[world.Concept], out: Path, args: argparse.
     learned, seconds = {}, {}
     for run_name in dict.fromkeys(r for _, r in TIX_METHODS.values()):
         methods = [m for m, (_, r) in TIX_METHODS.items() if r == run_name]
+        if args.reuse and (out / "runs" / run_name / "tokens").is_dir():
+            learned.update(_reused(out / "runs" / run_name / "tokens"))
+            continue
         data = out / "data" / run_name
         write_concepts(data, concepts, methods, args.images, args.seed)
         cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
@@ -110,6 +113,22 @@ def invert(model: str, concepts: list[world.Concept], out: Path, args: argparse.
     return learned, seconds
 
 
+def _reused(library: Path) -> dict:
+    """The vectors a finished run left in its concept library, keyed as `invert` keys them."""
+    from tix.library import Library
+
+    out = {}
+    for entry in Library(library).entries():
+        name, method = entry.concept.token.strip("<>").split("@")
+        out[name, method] = dict(entry.concept.vectors)
+    return out
+
+
+def _bare(caption: str) -> str:
+    """A caption without its article, so it reads right in the templates ("a photo of a {}")."""
+    return caption.split(" ", 1)[1]
+
+
 def phrases(sd, concepts: list[world.Concept], learned: dict, seed: int) -> dict[tuple[str, str], str]:
     """What each method writes for each concept; learned and random vectors are added to `sd` as tokens."""
     out = {}
@@ -119,9 +138,9 @@ def phrases(sd, concepts: list[world.Concept], learned: dict, seed: int) -> dict
             vectors = learned[concept.name, method]
             sd.add_tokens(token, [vectors[side.name] for side in sd.text])
             out[concept.name, method] = token
-        out[concept.name, "caption-long"] = concept.best_caption()
-        out[concept.name, "caption-short"] = world.noun_phrase(
-            {k: v for k, v in concept.fixed.items() if k in ("shape", "colour")})
+        out[concept.name, "caption-long"] = _bare(concept.best_caption())
+        out[concept.name, "caption-short"] = _bare(world.noun_phrase(
+            {k: v for k, v in concept.fixed.items() if k in ("shape", "colour")}))
         out[concept.name, "init-word"] = concept.initializer
         token = f"<{concept.name}@random>"
         sd.add_tokens(token, evaluate.random_vectors(sd, seed + c))
@@ -247,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=16, help="reconstruction and edit samples per concept and method")
     p.add_argument("--init-reg", type=float, default=1e-3, help="init_reg of the regularised run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="take the vectors of runs already in --out; sample only")
     p.add_argument("--torch", action="store_true", help="also score tix-1v exported and loaded in PyTorch diffusers")
     args = p.parse_args(argv)
     concepts = world.benchmark_concepts()[: args.concepts]

@@ -23,6 +23,23 @@ def _implementation(q: jax.Array, k: jax.Array) -> str:
     return "xla"
 
 
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    """Attention as two batched matmuls over heads-major operands.
+
+    The same arithmetic as `jax.nn.dot_product_attention(implementation="xla")` (float32 logits and softmax,
+    probabilities cast back to the value dtype), but with q, k and v moved to [batch, heads, length, head_dim]
+    first: XLA:CPU runs the [batch, length, heads, head_dim] contractions that function emits as strided dots about
+    twice as slowly (a UNet forward at 32 x 32 latents: 38 ms against 16 ms), and the transposes are cheap.
+    """
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    if causal:
+        t, s = logits.shape[-2:]
+        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -39,10 +56,9 @@ def attention(
     dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    implementation = _implementation(q, k)
-    if implementation == "cudnn":
+    if _implementation(q, k) == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn").astype(dtype)
         except (RuntimeError, ValueError, NotImplementedError):
             pass  # an older cuDNN or an unsupported shape: XLA's attention computes the same thing
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla").astype(dtype)
+    return _xla_attention(q, k, v, causal).astype(dtype)
