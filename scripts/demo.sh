@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install tix into .venv, then learn a token for the bundled example concept (a yellow
 # dotted heart, which no word of the toy world names) against the bundled toyworld model, then score the final
-# validation grid with the toy world's scorer. About 3 minutes on 2 CPU cores.
+# validation grid with the toy world's scorer. About 3-4 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -158,5 +158,7 @@ def test_loss_gradient_and_adamw_step_match_diffusers_recipe(kind, tiny_dirs):
         err = float(np.abs(np.asarray(got) - moved).max())
         ulp = float(np.spacing(np.abs(moved).max()))
         print(f"{kind}: two AdamW updates, max abs difference {err:.1e} ({err / ulp:.1f} float32 ulp of the rows)")
-        assert err <= 2 * ulp  # the same update up to rounding of the stored rows
+        # The same update up to float32 rounding: torch decays the row before adding the step, optax adds both at
+        # once, so the two differ by a few ulps of the rows (and by far less than the update itself).
+        assert err <= 16 * ulp and err <= 1e-4 * float(np.abs(moved - np.asarray(start)).max()), err
         assert np.abs(moved - start).max() > LR  # the rows did move (and by more than one step's decay)

@@ -1,6 +1,6 @@
 """Inversion works, not only runs: on the bundled toy-world model a short `tix invert` with the README preset (one
-vector, the paper's method) of a yellow dotted heart, whose shape no word of the shipped tokenizer names, learns a
-token whose samples show the concept (shape, colour and pattern all read back by the toy world's scorer) far more
+vector, the paper's method) of a red heart, whose shape no word of the shipped tokenizer names, learns a token
+whose samples show the concept (shape, colour and pattern all read back by the toy world's scorer) far more
 often than the initializer word's ("object") or a random vector's. The full comparison is benchmarks/toyworld.py."""
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from train.invert import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 16  # reconstruction and edit prompts each
-STEPS = 150
+STEPS = 300
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """One inversion of the yellow dotted heart with the README preset, shortened; the model with its token and a
+    """One inversion of the red heart with the README preset, shortened; the model with its token and a
     random vector's token added."""
     tmp = tmp_path_factory.mktemp("toyworld-inversion")
-    concept = next(c for c in world.benchmark_concepts() if c.name == "yellow_dotted_heart")
+    concept = next(c for c in world.benchmark_concepts() if c.name == "red_heart")
     folder = tmp / "images"
     folder.mkdir()
     for i, image in enumerate(world.concept_images(concept, 5, seed=0)):
