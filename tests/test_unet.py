@@ -331,7 +331,7 @@ def test_attention_takes_cudnn_flash_only_where_it_applies(monkeypatch):
 
     for backend in ("cpu", "tpu"):  # whatever backend runs the test: only a GPU takes cuDNN
         monkeypatch.setattr(A.jax, "default_backend", lambda backend=backend: backend)
-        assert impl(4096, 4096, 40, jnp.bfloat16) == "xla"
+        assert impl(4096, 4096, 40, jnp.bfloat16) != "cudnn"
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
     assert impl(4096, 4096, 40, jnp.bfloat16) == "cudnn"
     assert impl(1024, 1024, 64, jnp.float16) == "cudnn"
