@@ -114,23 +114,25 @@ def _blocked_bwd(n, residuals, d_out):
     q, k, v, out, lse = residuals
     scale = q.shape[-1] ** -0.5
     # Row i's sum over j of p_ij dp_ij, which softmax's derivative subtracts: equal to d_out_i . out_i.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
     def block(carry, xs):
         dk, dv = carry
         qb, dob, lse_b, delta_b = xs
-        logits = jnp.einsum("bhqd,bhkd->bhqk", qb, k, preferred_element_type=jnp.float32) * scale
-        p = jnp.exp(logits - lse_b[..., None])
-        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), dob, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bhqd,bhkd->bhqk", dob, v, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta_b) * scale).astype(q.dtype)
-        dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qb, preferred_element_type=jnp.float32)
+        # In the transposed [keys, rows] layout, so the two products summed over the block's rows (dk, dv) contract
+        # their operands' last axes: XLA:CPU runs a product contracting a leading axis on a slow generic kernel.
+        logits_t = jnp.einsum("bhkd,bhqd->bhkq", k, qb, preferred_element_type=jnp.float32) * scale
+        p_t = jnp.exp(logits_t - lse_b[..., None, :])
+        dv = dv + jnp.einsum("bhkq,bhqd->bhkd", p_t.astype(v.dtype), dob, preferred_element_type=jnp.float32)
+        dp_t = jnp.einsum("bhkd,bhqd->bhkq", v, dob, preferred_element_type=jnp.float32)
+        ds_t = (p_t * (dp_t - delta_b[..., None, :]) * scale).astype(q.dtype)
+        dq = jnp.einsum("bhkq,bhkd->bhqd", ds_t, k)
+        dk = dk + jnp.einsum("bhkq,bhqd->bhkd", ds_t, qb, preferred_element_type=jnp.float32)
         return (dk, dv), dq
 
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     (dk, dv), dq = jax.lax.scan(block, zeros, (_split_rows(q, n), _split_rows(d_out, n), lse,
-                                               _split_rows(delta, n)))
+                                               _split_rows(delta[..., None], n)[..., 0]))
     return _join_rows(dq), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
