@@ -78,11 +78,11 @@ def fixed_draw_loss(sd, cfg, result, draws=8):
     """Mean loss over `draws` fixed step keys, for the initial and the learned vectors."""
     from train.invert import prepare_concepts
     from train.step import StepConfig, loss_fn
-    from train.tables import initial_vectors, wave_tables
+    from train.tables import initial_vectors, step_shapes, wave_tables
 
     fresh = tix.load(cfg.model)
     prepared = prepare_concepts(fresh, cfg)
-    tables, _ = wave_tables(fresh, cfg, prepared, 1, 1, fresh.default_size, range(1))
+    tables, _ = wave_tables(fresh, cfg, prepared, step_shapes(cfg, prepared, 1, 1), fresh.default_size, range(1))
     tables = jax.tree.map(jax.numpy.asarray, tables)
     init = initial_vectors(fresh, prepared, 1, 1)
     step_cfg = StepConfig(16, 1, 0.5, None, None, fresh.default_size)
@@ -307,9 +307,9 @@ def test_init_from_an_embedding_file(tmp_path, tiny_dirs, images):
 
 
 def test_a_step_that_cannot_fit_the_device_is_refused_before_training(tmp_path, tiny_dirs, images, monkeypatch):
-    import train.invert as invert
+    from train import compile_plan
 
-    monkeypatch.setattr(invert, "device_memory_limit", lambda: 1_000_000)  # a 1 MB device
+    monkeypatch.setattr(compile_plan, "device_memory_limit", lambda: 1_000_000)  # a 1 MB device
     with pytest.raises(TixError, match=r"needs .* GB per device but the device has 0.0 GB.*remat"):
         run(_cfg(tmp_path, tiny_dirs("sd1"), images, steps=1), progress=False)
     assert not (tmp_path / "run" / "checkpoints" / "wave-000" / "1").exists()

@@ -139,6 +139,12 @@ def _invert(args: argparse.Namespace) -> None:
                                                 data_dir=args.data_dir))
     overrides.update(parse_set(args.set or []))
     cfg = load_config(args.config, overrides)
+    if args.compile_only or args.target:  # a TPU that is not attached can be compiled for, never trained on
+        from train.invert import plan
+
+        step_plan = plan(cfg, target=args.target)
+        print(step_plan.describe())
+        raise SystemExit(3 if step_plan.fits is False else 0)  # 3: does not fit (2 is a usage error)
     try:
         result = run(cfg)
     except KeyboardInterrupt as stop:  # train.stop.Stopped after saving (75 on SIGTERM, 130 on Ctrl-C), or Ctrl-C
@@ -298,6 +304,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--coordinator", help="many hosts without auto-detection: coordinator host:port")
     i.add_argument("--num-processes", type=int, help="many hosts: number of processes")
     i.add_argument("--process-id", type=int, help="many hosts: this process's index")
+    i.add_argument("--compile-only", action="store_true",
+                   help="compile the train step from shapes, print its FLOPs per image, memory per device and whether "
+                        "it fits, and exit (0: fits or no limit known, 3: does not fit); no image is decoded, --out "
+                        "is not touched")
+    i.add_argument("--target", metavar="TPU_TYPE",
+                   help="compile for a TPU slice that is not here (v4-N, v5p-N, v5litepod-N or v5e-N, v6e-N, e.g. "
+                        "v5litepod-8); implies --compile-only; needs libtpu (pip install 'jax[tpu]'), not a TPU")
     i.set_defaults(fn=_invert)
 
     e = sub.add_parser("export", help="write learned tokens in a format other tools load")

@@ -46,7 +46,9 @@ class TrainConfig:
     validation_prompts: list[str] | None = None  # None: "a photo of {}" and two edits (style runs: style prompts)
     # optimisation
     steps: int = 3000
-    batch_size: int = 4  # images per concept per step
+    # images per concept per step. A hyperparameter (lr scales with it, each concept's gradient is a mean over it), so
+    # it is never sized to the device: concepts_per_step is what fills a device
+    batch_size: int = 4
     grad_accum: int = 1
     lr: float = 5e-4
     scale_lr: bool = True  # lr x batch_size x grad_accum, as the diffusers recipe
@@ -73,7 +75,10 @@ class TrainConfig:
     dtype: str = "float32"  # weights
     compute_dtype: str | None = None
     remat: bool = False
-    concepts_per_step: int = 16  # more concepts than this run in waves reusing the compiled step
+    # concepts trained by one step; more run in waves reusing the compiled step. None: as many as fill the device's
+    # memory (GPU/TPU; train.compile_plan.choose_concepts_per_step), 16 where no memory limit is known (CPU).
+    # A resumed run keeps the number its config.yaml records.
+    concepts_per_step: int | None = None
     save_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500  # 0: no validation images
@@ -82,6 +87,9 @@ class TrainConfig:
     validation_sampler: str = "dpm++2m"
     validation_seeds: int = 2
     log_every: int = 10
+    # compiled steps persist here, so a second run with the same shapes starts without compiling. None: the user
+    # cache folder ($XDG_CACHE_HOME/tix/jax or ~/.cache/tix/jax); "" or "off": no cache
+    compile_cache: str | None = None
     fsdp: int = 1  # >1: split the frozen weights over this many devices (for models that do not fit one)
     # many hosts: explicit coordinator for clusters JAX cannot auto-detect (Cloud TPU, SLURM and MPI are detected)
     coordinator_address: str | None = None
@@ -97,7 +105,7 @@ class TrainConfig:
         positive = ["steps", "batch_size", "grad_accum", "vectors", "save_every", "concepts_per_step",
                     "keep_checkpoints", "log_every", "random_crops", "validation_steps", "validation_seeds", "fsdp"]
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         for name in _float_fields(TrainConfig):
             value = getattr(self, name)
@@ -139,7 +147,7 @@ class TrainConfig:
         """A hash of the fields that define what the run computes (not where or how often it logs or saves)."""
         volatile = {"resume", "overwrite", "save_every", "keep_checkpoints", "validate_every", "log_every", "steps",
                     "out", "validation_steps", "validation_guidance", "validation_sampler", "validation_seeds",
-                    "coordinator_address", "num_processes", "process_id"}
+                    "coordinator_address", "num_processes", "process_id", "compile_cache"}
         core = {k: v for k, v in dataclasses.asdict(self).items() if k not in volatile}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -12,7 +12,7 @@ import math
 import signal
 import time
 import warnings
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,14 @@ from tix.embedding_files import output_stems
 from tix.errors import ConfigError, TixError
 from tix.models.clip import token_table
 from tix.pipeline import StableDiffusion
-from train import cost, data
+from train import compile_plan, data
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.loop import Hook, run_steps
 from train.report import MetricsLog, grid, loss_curve, write_html
-from train.step import Layout, StepConfig, TrainState, make_optimizer, train_step
+from train.step import Layout, StepConfig, TrainState, make_optimizer
 from train.stop import Stopped, StopRequests
-from train.tables import Prepared, initial_vectors, plan_layout, wave_tables
+from train.tables import Prepared, initial_vectors, step_shapes, wave_tables
 
 log = logging.getLogger("tix")
 
@@ -57,21 +57,27 @@ RUN_OUTPUTS = ("checkpoints", "validation", "tensorboard", "tokens", "embeddings
 PATH_FIELDS = ("model", "images", "concepts", "init_from")
 
 
-def _check_out(cfg: TrainConfig) -> fs.Path:
+def _check_out(cfg: TrainConfig) -> tuple[fs.Path, TrainConfig]:
     """The run folder, once it is clear this run may use it. Nothing is written: a run refused later (bad images,
-    a wrong initializer word) leaves the folder as it was, and the same command can be run again."""
+    a wrong initializer word) leaves the folder as it was, and the same command can be run again. Returns the
+    folder and `cfg` as the run continues: a resumed run keeps the concepts per step it chose when it started."""
     out = fs.path(cfg.out)  # local or gs://: every write under it goes through tix.fs or orbax
     fs.check_supported(out, checkpoints=True)
     saved = out / "config.yaml"
     if fs.exists(saved):
         if cfg.overwrite:
-            return out
+            return out, cfg
         if not cfg.resume:
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it, --overwrite to start it again, "
                 "or choose another --out"
             )
-        old, new = _comparable(TrainConfig(**yaml.safe_load(fs.read_text(saved)))), _comparable(cfg)
+        started = TrainConfig(**yaml.safe_load(fs.read_text(saved)))
+        if cfg.concepts_per_step is None:
+            # Left to tix: the waves (and so the checkpoints) depend on the number chosen at the start, which
+            # another device or a changed memory estimate could choose differently now.
+            cfg = dataclasses.replace(cfg, concepts_per_step=started.concepts_per_step)
+        old, new = _comparable(started), _comparable(cfg)
         if old.identity() != new.identity():
             ignored = ("resume", "overwrite", "steps")
             changed = [f.name for f in dataclasses.fields(TrainConfig)
@@ -82,7 +88,7 @@ def _check_out(cfg: TrainConfig) -> fs.Path:
             )
     elif cfg.resume:
         raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml)")
-    return out
+    return out, cfg
 
 
 def _comparable(cfg: TrainConfig) -> TrainConfig:
@@ -234,40 +240,105 @@ def _validate(
         fs.save_image(grid(images, len(prompts)), folder / f"{safe_stem(p.concept.token)}.png")
 
 
-def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool = True) -> Result:
-    """Train every concept of `cfg`; returns the learned vectors. Writes checkpoints, metrics and exports to cfg.out."""
-    cfg.check()
-    parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    out = _check_out(cfg)
-    is_main = jax.process_index() == 0
+def _load(cfg: TrainConfig, sd: StableDiffusion | None) -> tuple[StableDiffusion, int]:
+    """The model as the step uses it (remat applied) and the training resolution, checked."""
     if sd is None:
         sd = tix.load(cfg.model, cfg.dtype, compute_dtype=cfg.compute_dtype)
     if cfg.remat:
         sd = dataclasses.replace(sd, unet=sd.unet.clone(remat=True))
     resolution = cfg.resolution or sd.default_size
     _check_resolution(sd, resolution)
-    prepared = prepare_concepts(sd, cfg)
-    _claim_out(cfg, out)
+    return sd, resolution
 
-    mesh = parallel.make_mesh(fsdp=cfg.fsdp)
-    wave_size = min(cfg.concepts_per_step, len(prepared))
-    slots, sharded = plan_layout(wave_size, cfg.batch_size, mesh.devices.size)
-    layout = Layout(mesh, sharded)
-    n_max = max(p.init[0].shape[0] for p in prepared)  # vectors, and per-image tokens if any
+
+def _step_settings(cfg: TrainConfig, resolution: int) -> tuple[StepConfig, Any]:
+    """The compiled step's static settings and its optimizer."""
     lr = cfg.lr * (cfg.batch_size * cfg.grad_accum if cfg.scale_lr else 1)
     optimizer = make_optimizer(lr, cfg.steps, schedule=cfg.lr_schedule, warmup=cfg.warmup_steps,
                                weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                                max_grad_norm=cfg.max_grad_norm)
     step_cfg = StepConfig(cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution,
                           cfg.init_reg, cfg.progressive_every, cfg.per_image_mix if cfg.per_image_tokens else 0.0)
+    return step_cfg, optimizer
+
+
+def _planner(cfg: TrainConfig, sd: StableDiffusion, prepared: list[Prepared], step_cfg: StepConfig, optimizer: Any,
+             mesh: Any, bytes_limit: int | None) -> Callable[[int], compile_plan.Plan]:
+    """plan_at(k): the plan of the step that trains k concepts at a time, compiled from shapes (each size once)."""
+    plans: dict[compile_plan.Shapes, compile_plan.Plan] = {}
+
+    def plan_at(k: int) -> compile_plan.Plan:
+        shapes = step_shapes(cfg, prepared, k, mesh.devices.size)
+        if shapes not in plans:
+            plans[shapes] = compile_plan.plan(sd, step_cfg, optimizer, shapes, mesh, bytes_limit)
+        return plans[shapes]
+
+    return plan_at
+
+
+def concepts_per_step(cfg: TrainConfig, concepts: int, devices: int, bytes_limit: int | None,
+                      plan_at: Callable[[int], compile_plan.Plan]) -> int:
+    """`concepts_per_step` as set, or else as many concepts as fill the device's memory (the step compiled from
+    shapes at one and two concepts per device; `compile_plan.choose_concepts_per_step`).
+
+    Only the concepts per step are chosen, never the batch: the batch is a hyperparameter of the optimisation (the
+    learning rate scales with it, and each concept's gradient averages over it), so a bigger device would learn a
+    different word. More concepts per step change nothing a concept learns (each has its own draws, loss and
+    clipping), only how many train at once."""
+    if cfg.concepts_per_step is not None:
+        return cfg.concepts_per_step
+    chosen = compile_plan.choose_concepts_per_step(concepts, devices, bytes_limit,
+                                                   lambda k: plan_at(k).bytes_per_device)
+    if bytes_limit is not None and concepts > devices and jax.process_index() == 0:
+        log.info("concepts per step: %d of %d, to stay under %.0f%% of the %.1f GB per device (one per device: "
+                 "%.2f GB, two: %.2f GB); --set concepts_per_step=N to choose", min(chosen, concepts), concepts,
+                 100 * compile_plan.FILL, bytes_limit / 1e9, plan_at(devices).bytes_per_device / 1e9,
+                 plan_at(2 * devices).bytes_per_device / 1e9)
+    return chosen
+
+
+def plan(cfg: TrainConfig, sd: StableDiffusion | None = None, target: str | None = None) -> compile_plan.Plan:
+    """`tix invert --compile-only [--target TPU]`: compile the run's step for this host's devices or a TPU slice
+    from shapes alone and say what it costs, without decoding an image, writing to the run folder or training."""
+    cfg.check()
+    compile_plan.enable_cache(cfg.compile_cache)
+    if target:  # before loading the model: a wrong name or a missing libtpu is reported at once
+        tpu = compile_plan.tpu_slice(target)
+        mesh, limit = parallel.make_mesh(compile_plan.target_devices(tpu), fsdp=cfg.fsdp), tpu.bytes_per_chip
+    else:
+        mesh, limit = parallel.make_mesh(fsdp=cfg.fsdp), compile_plan.device_memory_limit()
+    sd, resolution = _load(cfg, sd)
+    prepared = prepare_concepts(sd, cfg)
+    step_cfg, optimizer = _step_settings(cfg, resolution)
     _warn_unreached_vectors(cfg, prepared)
-    repl = parallel.replicated(mesh)
-    frozen_sharding = parallel.fsdp_shardings(sd.params, mesh)
-    frozen = parallel.put(sd.params, frozen_sharding)
-    table_sharding = parallel.batch_sharded(mesh) if sharded else repl
-    owned = range(*parallel.process_rows(slots, table_sharding))
-    step_fn = jax.jit(partial(train_step, sd, step_cfg, optimizer, layout=layout), donate_argnums=(0,),
-                      out_shardings=repl)
+    plan_at = _planner(cfg, sd, prepared, step_cfg, optimizer, mesh, limit)
+    k = min(concepts_per_step(cfg, len(prepared), mesh.devices.size, limit, plan_at), len(prepared))
+    return dataclasses.replace(plan_at(k), concepts_per_step=k)
+
+
+def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool = True) -> Result:
+    """Train every concept of `cfg`; returns the learned vectors. Writes checkpoints, metrics and exports to cfg.out."""
+    cfg.check()
+    compile_plan.enable_cache(cfg.compile_cache)
+    parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    out, cfg = _check_out(cfg)
+    is_main = jax.process_index() == 0
+    sd, resolution = _load(cfg, sd)
+    prepared = prepare_concepts(sd, cfg)
+    mesh = parallel.make_mesh(fsdp=cfg.fsdp)
+    limit = compile_plan.device_memory_limit()
+    step_cfg, optimizer = _step_settings(cfg, resolution)
+    _warn_unreached_vectors(cfg, prepared)
+    # Chosen before the run folder is claimed: config.yaml records the number, which --resume keeps.
+    plan_at = _planner(cfg, sd, prepared, step_cfg, optimizer, mesh, limit)
+    cfg = dataclasses.replace(cfg, concepts_per_step=concepts_per_step(cfg, len(prepared), mesh.devices.size, limit,
+                                                                       plan_at))
+    _claim_out(cfg, out)
+
+    wave_size = min(cfg.concepts_per_step, len(prepared))
+    shapes = step_shapes(cfg, prepared, wave_size, mesh.devices.size)
+    frozen = place_frozen(sd, mesh)
+    step_fn = compile_plan.step_function(sd, step_cfg, optimizer, Layout(mesh, shapes.sharded_tables))
     waves = [prepared[i:i + wave_size] for i in range(0, len(prepared), wave_size)]
     metrics_log = MetricsLog(out, enabled=is_main)
     compiled = None
@@ -278,14 +349,8 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     context = _RunContext(cfg, sd, out, resolution, metrics_log, progress and is_main, requests)
     with requests, contextlib.closing(metrics_log):
         for w, wave in enumerate(waves):
-            local, files = wave_tables(sd, cfg, wave, slots, n_max, resolution, owned)
+            state, tables, files = place_wave(sd, cfg, wave, shapes, resolution, mesh, optimizer)
             files_read += files
-            tables = jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(table_sharding, x, (slots, *x.shape[1:])), local
-            )
-            vectors = initial_vectors(sd, wave, slots, n_max)
-            state = TrainState(vectors, optimizer.init(vectors), np.zeros((), np.int32))
-            state = parallel.put_replicated(state, mesh)
             ckpt = Checkpoints(out / "checkpoints" / f"wave-{w:03d}", cfg.keep_checkpoints)
             tokens = [p.concept.token for p in wave]
             restored = ckpt.restore_latest(state) if cfg.resume else None
@@ -295,11 +360,13 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                     raise ConfigError(f"checkpoint of wave {w} holds {meta.get('tokens')}, expected {tokens}")
                 log.info("resumed wave %d at step %d", w, int(parallel.to_host(state.step)))
             if compiled is None:
-                t0 = time.perf_counter()
-                lowered = step_fn.lower(state, frozen, tables)
-                compiled = lowered.compile()
-                compile_seconds = time.perf_counter() - t0
-                _describe(lowered, compiled, slots * cfg.batch_size * cfg.grad_accum, compile_seconds, is_main)
+                compiled, step_plan = compile_plan.compile_step(
+                    step_fn, (state, frozen, tables), shapes.slots * cfg.batch_size * cfg.grad_accum, mesh, limit)
+                step_plan = dataclasses.replace(step_plan, concepts_per_step=wave_size)
+                compile_seconds = step_plan.compile_seconds
+                if is_main:
+                    log.info("%s", step_plan.describe())
+                step_plan.check()
             state, final_loss, rate = _train_wave(
                 context, compiled, state, frozen, tables, wave, ckpt,
                 f"wave {w + 1}/{len(waves)}" if len(waves) > 1 else "",
@@ -323,6 +390,26 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                   float(np.mean(rates)) if rates else 0.0, files_read)
 
 
+def place_frozen(sd: StableDiffusion, mesh: Any) -> Any:
+    """The frozen weights on the devices, split over the "fsdp" axis (`compile_plan.abstract_args` mirrors this)."""
+    return parallel.put(sd.params, parallel.fsdp_shardings(sd.params, mesh))
+
+
+def place_wave(sd: StableDiffusion, cfg: TrainConfig, wave: list[Prepared], shapes: compile_plan.Shapes,
+               resolution: int, mesh: Any, optimizer: Any) -> tuple[TrainState, Any, list[fs.Path]]:
+    """A wave's initial train state and its tables on the devices, as the compiled step takes them (this process
+    decodes only the images of the slots its devices hold); and the image files it decoded."""
+    table_sharding = parallel.batch_sharded(mesh) if shapes.sharded_tables else parallel.replicated(mesh)
+    owned = range(*parallel.process_rows(shapes.slots, table_sharding))
+    local, files = wave_tables(sd, cfg, wave, shapes, resolution, owned)
+    tables = jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(table_sharding, x, (shapes.slots, *x.shape[1:])), local
+    )
+    vectors = initial_vectors(sd, wave, shapes.slots, shapes.n_max)
+    state = TrainState(vectors, optimizer.init(vectors), np.zeros((), np.int32))
+    return parallel.put_replicated(state, mesh), tables, files
+
+
 def _warn_unreached_vectors(cfg: TrainConfig, prepared: list[Prepared]) -> None:
     """Progressive runs too short to switch every vector on export those vectors at their initial value."""
     if not cfg.progressive_every:
@@ -332,32 +419,6 @@ def _warn_unreached_vectors(cfg: TrainConfig, prepared: list[Prepared]) -> None:
         log.warning("progressive_every=%d: in %d steps %s do not switch on all their vectors (vector j switches on "
                     "at step j x %d); the ones never on are exported at their initial value",
                     cfg.progressive_every, cfg.steps, ", ".join(late), cfg.progressive_every)
-
-
-def _describe(lowered, compiled, images_per_step: int, seconds: float, is_main: bool) -> None:
-    """Log the step's FLOPs per image and memory per device (XLA's analyses), and refuse a step that cannot fit
-    the device before the first step rather than failing deep inside it."""
-    flops = cost.flops(lowered)
-    total = cost.device_bytes(compiled)
-    if is_main:
-        log.info("compiled train step in %.1f s: %.3g GFLOP per image (XLA count), %.2f GB per device", seconds,
-                 flops / max(images_per_step, 1) / 1e9, total / 1e9)
-    limit = device_memory_limit()
-    if limit and total > limit:
-        raise TixError(
-            f"the train step needs {total / 1e9:.1f} GB per device but the device has {limit / 1e9:.1f} GB. "
-            "Lower --batch-size, use --set remat=true, --set dtype=bfloat16, a lower --resolution, "
-            "or --set fsdp=N to split the frozen weights over N devices"
-        )
-
-
-def device_memory_limit() -> int | None:
-    """Bytes one device can hold, where the runtime says (GPU/TPU); None on CPU."""
-    try:
-        stats = jax.local_devices()[0].memory_stats() or {}
-    except Exception:  # some backends do not implement memory_stats
-        return None
-    return stats.get("bytes_limit")
 
 
 @dataclasses.dataclass

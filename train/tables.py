@@ -15,6 +15,7 @@ import numpy as np
 from tix import fs
 from tix.pipeline import StableDiffusion
 from train import data
+from train.compile_plan import Shapes
 from train.config import TrainConfig
 from train.step import Tables
 
@@ -93,13 +94,12 @@ def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[-1:], n - a.shape[0], axis=0)]) if a.shape[0] < n else a
 
 
-def wave_tables(sd: StableDiffusion, cfg: TrainConfig, wave: list[Prepared], slots: int, n_max: int, resolution: int,
+def wave_tables(sd: StableDiffusion, cfg: TrainConfig, wave: list[Prepared], shapes: Shapes, resolution: int,
                 owned: range) -> tuple[Tables, list[fs.Path]]:
-    """The wave's tables for the slots in `owned` (this process's share), stacked; and the image files decoded."""
-    i_max = max(len(p.concept.images) for p in wave)
-    p_max = max(_prompt_rows(p, cfg) for p in wave)
-    parts = [slot_tables(sd, cfg, wave[s] if s < len(wave) else None, s, n_max, resolution, i_max, p_max)
-             for s in owned]
+    """The wave's tables for the slots in `owned` (this process's share), stacked; and the image files decoded.
+    Every wave has the run's `shapes` (padded to the run's largest concept), so one compiled step serves them all."""
+    parts = [slot_tables(sd, cfg, wave[s] if s < len(wave) else None, s, shapes.n_max, resolution, shapes.images,
+                         shapes.prompts) for s in owned]
     tables = Tables(
         latent_mean=np.stack([q["latent_mean"] for q in parts]),
         latent_std=np.stack([q["latent_std"] for q in parts]),
@@ -140,3 +140,13 @@ def plan_layout(num_concepts: int, batch_size: int, devices: int) -> tuple[int, 
     while (slots * batch_size) % devices:
         slots += 1
     return slots, False
+
+
+def step_shapes(cfg: TrainConfig, prepared: list[Prepared], concepts_per_step: int, devices: int) -> Shapes:
+    """The sizes of the step that trains `concepts_per_step` of `prepared` at a time on `devices`: what
+    `wave_tables` builds for every wave, and what a plan compiles from (`compile_plan.abstract_args`)."""
+    slots, sharded = plan_layout(min(concepts_per_step, len(prepared)), cfg.batch_size, devices)
+    return Shapes(slots=slots, sharded_tables=sharded,
+                  n_max=max(p.init[0].shape[0] for p in prepared),  # vectors, and per-image tokens if any
+                  images=max(len(p.concept.images) for p in prepared),
+                  prompts=max(_prompt_rows(p, cfg) for p in prepared), views=_views(cfg))
