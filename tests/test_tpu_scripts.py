@@ -121,6 +121,25 @@ def test_run_passes_invert_arguments_through_unchanged(tmp_path):
     assert dry("run", *WHERE, "--", *INVERT) == [shlex.split(tpu("run", *WHERE, "--", *INVERT, "--dry-run").stdout)]
 
 
+def test_plan_compiles_the_invert_arguments_for_the_slice_here():
+    (c,) = dry("plan", "--accelerator", "v4-8", "--", *INVERT)
+    assert c[0] == sys.executable and c[1:4] == ["-m", "tix.cli", "invert"]
+    assert c[4:-2] == INVERT  # passed through unchanged, quotes and all
+    assert c[-2:] == ["--compile-only", "--target=v4-8"]
+    (default,) = dry("plan", "--", *INVERT)
+    assert default[-1] == "--target=v5litepod-8"  # the slice `create` makes by default
+    done = tpu("plan", "--dry-run", check=False)
+    assert done.returncode == 1 and "after --" in done.stderr
+
+
+def test_plan_exits_with_tix_invert_status():
+    """`tix invert --compile-only` says 3 for a step that does not fit and 2 for a usage error; plan passes it on
+    (a usage error here: the quickest real `tix invert` to start)."""
+    done = tpu("plan", "--", "--no-such-flag", check=False)
+    assert done.returncode == 2, done.stderr
+    assert "unrecognized arguments: --no-such-flag" in done.stderr and "--target=v5litepod-8" in done.stderr
+
+
 def test_fetch_and_delete():
     mkdir, sync = dry("fetch", "--src", "gs://bucket/run", "--dest", "runs/run")
     assert mkdir == ["mkdir", "-p", "runs/run"]

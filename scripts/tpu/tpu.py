@@ -5,6 +5,7 @@ on all workers at once, bring the outputs back, delete it.
 Every subcommand takes --dry-run, which prints the exact commands instead of running them. Only the Python standard
 library is used, so this runs on any machine with the Google Cloud CLI (and without it, for --dry-run).
 
+  python scripts/tpu/tpu.py plan    --accelerator v5litepod-8 -- --model ... --images ... --token '<my-cat>'
   python scripts/tpu/tpu.py create  --name my-tpu --zone us-west4-a --accelerator v5litepod-8 [--spot] [--queued]
   python scripts/tpu/tpu.py install --name my-tpu --zone us-west4-a            # builds a wheel of this checkout
   python scripts/tpu/tpu.py run     --name my-tpu --zone us-west4-a -- --model ... --out gs://bucket/run
@@ -263,6 +264,19 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+# ---- plan
+
+
+def plan(args: argparse.Namespace) -> list[list[str]]:
+    """Compile the run's train step for the slice on this machine (needs tix and libtpu here, not a TPU) and say
+    whether it fits, before a slice is rented. Its exit status is tix's: 0 fits, 3 does not, 2 a usage error."""
+    if not args.invert_args:
+        raise Fail("give the `tix invert` arguments after --, as for `run`: plan --accelerator v5litepod-8 -- "
+                   "--model M --images DIR --token '<my-cat>'")
+    return [[sys.executable, "-m", "tix.cli", "invert", *args.invert_args, "--compile-only",
+             f"--target={args.accelerator}"]]
+
+
 # ---- fetch and delete
 
 
@@ -339,6 +353,11 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between attempts to create the TPU while there is no capacity (default 60)")
     r.set_defaults(fn=run)
 
+    pl = sub.add_parser("plan", parents=[common], help="compile `tix invert ARGS` for a slice here: does it fit?",
+                        usage="tpu.py plan [--accelerator TYPE] -- TIX_INVERT_ARGS...")
+    pl.add_argument("--accelerator", default="v5litepod-8", help="the slice to plan for, as for create")
+    pl.set_defaults(fn=plan)
+
     f = sub.add_parser("fetch", parents=[common], help="copy a run's outputs here")
     f.add_argument("--src", required=True, help="gs://bucket/run, or a path on worker 0")
     f.add_argument("--dest", required=True, help="local folder")
@@ -378,12 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser().parse_args(argv[:cut])
     args.invert_args = argv[cut + 1:]
-    if args.action == "run" and "--dry-run" in args.invert_args:
+    if args.action in ("run", "plan") and "--dry-run" in args.invert_args:
         # `tix invert` has no --dry-run: a trailing one is meant for this script, and must not launch a real run.
         args.invert_args = [a for a in args.invert_args if a != "--dry-run"]
         args.dry_run = True
-    if args.invert_args and args.action != "run":
-        print(f"tpu.py: error: arguments after -- are only for `run`, not `{args.action}`", file=sys.stderr)
+    if args.invert_args and args.action not in ("run", "plan"):
+        print(f"tpu.py: error: arguments after -- are only for `run` and `plan`, not `{args.action}`",
+              file=sys.stderr)
         return 2
     try:
         commands = args.fn(args)
@@ -399,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "create" and args.queued and args.wait:
                 print(f"{shlex.join(wait_command(args))}  # repeated until ACTIVE")
             return 0
+        if args.action == "plan":  # tix's own status: 3 when the step does not fit the slice
+            return _status(commands[0])
         execute(commands)
         if args.action == "create" and args.queued and args.wait:
             wait_active(args)
