@@ -3,9 +3,10 @@ step chosen from the compiled memory, and TPU slice targets (the names, and the 
 
 Every compile here is of one concept set (two concepts of different sizes, per-image tokens on, so every table of the
 step has a size the concepts decide) and goes through one cache folder, so a shape compiled once is loaded after.
-The compile for a real TPU topology needs libtpu, which CI lacks: `test_a_tpu_slice_compiles_here` runs only when
-asked (TIX_TEST_LIBTPU=1, e.g. with /work/venvs/tpu's python) and then fails, never skips, without libtpu;
-`benchmarks/tpu_plan.py --model tiny` is the same check by hand.
+The compile for a real TPU topology needs libtpu, which CI lacks (CI checks the error instead):
+`test_a_tpu_slice_compiles_here` runs only when asked, `TIX_TEST_LIBTPU=1 python -m pytest tests/test_compile_plan.py
+-k tpu_slice` with a Python that has libtpu (`pip install 'jax[tpu]'`), and then fails, never skips, without it;
+`benchmarks/tpu_plan.py --model tiny --target v5litepod-8` is the same check by hand.
 """
 
 import os
