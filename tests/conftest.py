@@ -8,15 +8,16 @@ from tests import tiny
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_folder(tmp_path_factory):
     """Compiled steps (tix's persistent compilation cache, on by default) go to this session's own folder, never the
-    user's ~/.cache; subprocesses the tests start inherit it. Within a session a step compiled twice with the same
-    shapes is loaded the second time."""
-    previous = os.environ.get("XDG_CACHE_HOME")
+    user's ~/.cache nor a JAX_COMPILATION_CACHE_DIR of theirs; subprocesses the tests start inherit it. Within a
+    session a step compiled twice with the same shapes is loaded the second time."""
+    previous = {name: os.environ.pop(name, None) for name in ("XDG_CACHE_HOME", "JAX_COMPILATION_CACHE_DIR")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     yield
-    if previous is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])

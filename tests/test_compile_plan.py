@@ -53,8 +53,12 @@ def invert_args(model, concepts, out, compiled, *extra):
 
 
 def test_cache_folder_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_plan.cache_dir(None) == tmp_path / "xdg" / "tix" / "jax"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert compile_plan.cache_dir(None) == tmp_path / "jax"  # JAX's own setting, where the user made one
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert compile_plan.cache_dir(None) == Path.home() / ".cache" / "tix" / "jax"
     for off in ("", "off", "OFF", False, "none"):

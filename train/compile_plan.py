@@ -41,10 +41,12 @@ def default_cache_dir() -> Path:
 
 
 def cache_dir(setting: str | bool | None) -> Path | None:
-    """Where `compile_cache` puts compiled programs: None (unset) is the user cache folder; "", "off", "false" or
+    """Where `compile_cache` puts compiled programs: None (unset) is JAX's own $JAX_COMPILATION_CACHE_DIR when set
+    (a folder the user gave JAX is not taken away from it), else the user cache folder; "", "off", "false" or
     "none" turn the cache off; anything else is a folder."""
     if setting is None:
-        return default_cache_dir()
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]) if os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+            else default_cache_dir()
     if setting is False or str(setting).strip().lower() in ("", "off", "false", "none"):
         return None
     return Path(str(setting)).expanduser()

@@ -87,8 +87,9 @@ class TrainConfig:
     validation_sampler: str = "dpm++2m"
     validation_seeds: int = 2
     log_every: int = 10
-    # compiled steps persist here, so a second run with the same shapes starts without compiling. None: the user
-    # cache folder ($XDG_CACHE_HOME/tix/jax or ~/.cache/tix/jax); "" or "off": no cache
+    # compiled steps persist here, so a second run with the same shapes starts without compiling. None:
+    # $JAX_COMPILATION_CACHE_DIR if set, else the user cache folder ($XDG_CACHE_HOME/tix/jax or ~/.cache/tix/jax);
+    # "" or "off": no cache
     compile_cache: str | None = None
     fsdp: int = 1  # >1: split the frozen weights over this many devices (for models that do not fit one)
     # many hosts: explicit coordinator for clusters JAX cannot auto-detect (Cloud TPU, SLURM and MPI are detected)
