@@ -39,15 +39,16 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4, help="images per concept (the latent table's size)")
     args = p.parse_args()
     remats = {"on": [True], "off": [False], "both": [False, True]}[args.remat]
+    try:  # every slice name and libtpu itself checked before the first (long) compile
+        slices = {t: compile_plan.tpu_slice(t) for t in args.target}
+        meshes = {t: parallel.make_mesh(compile_plan.target_devices(s)) for t, s in slices.items()}
+    except TixError as err:
+        sys.exit(f"tpu_plan.py: error: {err}")
+    compile_plan.enable_cache(None)  # a second run of the table loads the compiled steps
     print("| target | model | px | remat | batch/chip | GB/chip (of) | fits | GFLOP/image | compile s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
-    compile_plan.enable_cache(None)  # a second run of the table loads the compiled steps
     for target in args.target:
-        tpu = compile_plan.tpu_slice(target)
-        try:
-            mesh = parallel.make_mesh(compile_plan.target_devices(tpu))
-        except TixError as err:
-            sys.exit(f"tpu_plan.py: error: {err}")
+        tpu, mesh = slices[target], meshes[target]
         for model in args.model:
             base = random_sd(model, args.dtype, abstract=True)
             resolution = args.resolution or base.default_size
@@ -66,7 +67,7 @@ def main() -> None:
                         continue
                     print(f"| {target} | {model} | {resolution} | {'yes' if remat else 'no'} | {batch} | "
                           f"{plan.bytes_per_device / 1e9:.2f} ({tpu.bytes_per_chip / 1e9:.1f}) | "
-                          f"{'yes' if plan.fits else 'NO'} | {plan.flops_per_image / 1e9:.0f} | "
+                          f"{'yes' if plan.fits else 'NO'} | {plan.flops_per_image / 1e9:.4g} | "
                           f"{plan.compile_seconds:.0f} |", flush=True)
 
 
