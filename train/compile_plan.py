@@ -240,8 +240,10 @@ def compile_step(step_fn: Any, args: tuple[Any, ...], images_per_step: int, mesh
     seconds = time.perf_counter() - t0
     device = mesh.devices.flat[0]
     flops = cost.flops(lowered)
-    if not np.isfinite(flops):  # lowered for a TPU that is not attached: XLA counts on the compiled program only
-        flops = cost.flops(compiled)
+    if not np.isfinite(flops):
+        # Lowered for a TPU that is not attached: XLA counts only on the compiled program, which after SPMD
+        # partitioning is one device's share of the step.
+        flops = cost.flops(compiled) * mesh.devices.size
     plan = Plan(getattr(device, "device_kind", str(device.platform)), mesh.devices.size, images_per_step,
                 flops / max(images_per_step, 1), cost.device_bytes(compiled), bytes_limit, seconds)
     return compiled, plan
