@@ -83,6 +83,20 @@ IGNORED_FIELDS = frozenset(
 _LEGACY_EOS_TOKEN_ID = 2
 
 
+def check_transformer_config(cfg: Any, what: str, more_sizes: tuple[str, ...] = ()) -> None:
+    """The checks every CLIP tower's config shares (text and vision): a supported activation, positive integer sizes
+    (the tower's own in `more_sizes` too) and a width the heads divide. `what` names the config in the error."""
+    if cfg.hidden_act not in _ACTIVATIONS:
+        raise ConfigError(f"{what}: hidden_act={cfg.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", *more_sizes):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{what}: {name}={value!r} must be a positive integer")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(f"{what}: hidden_size={cfg.hidden_size} is not divisible by "
+                          f"num_attention_heads={cfg.num_attention_heads}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """The computation-relevant part of a transformers CLIPTextConfig config.json."""
@@ -100,21 +114,8 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ConfigError(
-                f"text encoder config: hidden_act={self.hidden_act!r} is not supported; "
-                f"supported: {sorted(_ACTIVATIONS)}"
-            )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings", "projection_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"text encoder config: {name}={value!r} must be a positive integer")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"text encoder config: hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
+        check_transformer_config(self, "text encoder config", ("vocab_size", "max_position_embeddings",
+                                                               "projection_dim"))
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"text encoder config: layer_norm_eps={self.layer_norm_eps!r} must be positive")
 

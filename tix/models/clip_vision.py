@@ -45,17 +45,7 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in clip._ACTIVATIONS:
-            raise ConfigError(f"vision config: hidden_act={self.hidden_act!r} is not supported; "
-                              f"supported: {sorted(clip._ACTIVATIONS)}")
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-                     "image_size", "patch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"vision config: {name}={value!r} must be a positive integer")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"vision config: hidden_size={self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}")
+        clip.check_transformer_config(self, "vision config", ("num_channels", "image_size", "patch_size"))
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision config: image_size={self.image_size} is not a multiple of "
                               f"patch_size={self.patch_size}")
