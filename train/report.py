@@ -12,13 +12,15 @@ import numpy as np
 from PIL import Image
 
 from tix import fs
+from train.tensorboard import EventWriter
 
 
 class MetricsLog:
     """Appends one JSON line per logged step and mirrors scalars to TensorBoard.
 
-    An object store cannot append to an object, so under a remote `out` the lines are kept in memory and the whole
-    file is rewritten at most every `flush_seconds` and on close (a resumed run first reads the lines already there)."""
+    An object store cannot append to an object, so under a remote `out` the lines and event records are kept in
+    memory and the whole files are rewritten at most every `flush_seconds` and on close (a resumed run first reads
+    the lines already there; its events go to a new event file, which TensorBoard reads after the old one)."""
 
     def __init__(self, out: fs.PathLike, enabled: bool = True, flush_seconds: float = 30.0):
         out = fs.path(out)
@@ -31,17 +33,15 @@ class MetricsLog:
         self._dirty = False
         self._flushed = time.monotonic()
         if enabled:
-            from tensorboardX import SummaryWriter
-
             if self.remote:
-                _route_tensorboard(fs.scheme(out))
                 self._text = fs.read_text(self.path) if fs.exists(self.path) else ""
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            self.writer = EventWriter(out / "tensorboard")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         line = json.dumps({"step": step, "time": time.time(), **values}) + "\n"
+        self.writer.add_scalars(step, values)
         if self.remote:
             self._text += line
             self._dirty = True
@@ -50,12 +50,11 @@ class MetricsLog:
         else:
             with self.path.open("a") as f:
                 f.write(line)
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
 
     def flush(self) -> None:
         if self.remote and self._dirty:
             fs.write_text(self.path, self._text)
+            self.writer.flush()
             self._dirty = False
         self._flushed = time.monotonic()
 
@@ -63,40 +62,6 @@ class MetricsLog:
         self.flush()
         if self.writer is not None:
             self.writer.close()
-
-
-class _ObjectRecordWriter:
-    """tensorboardX's event-file writer for remote folders, through tix.fs: events are buffered and the whole file is
-    rewritten on each flush (tensorboardX flushes every couple of minutes and on close)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.buffer = io.BytesIO()
-
-    def write(self, data: bytes) -> None:
-        self.buffer.write(data)
-
-    def flush(self) -> None:
-        fs.write_bytes(self.path, self.buffer.getvalue())
-
-    def close(self) -> None:
-        self.flush()
-
-
-class _ObjectRecordWriterFactory:
-    def open(self, path: str) -> _ObjectRecordWriter:
-        return _ObjectRecordWriter(path)
-
-    def directory_check(self, path: str) -> None:
-        pass  # object stores have no folders to create
-
-
-def _route_tensorboard(scheme: str | None) -> None:
-    # tensorboardX picks a writer by the path's scheme; its own gs:// writer talks to GCS by itself, which would be a
-    # second filesystem layer with its own credentials and failure modes.
-    from tensorboardX import record_writer
-
-    record_writer.register_writer_factory(scheme, _ObjectRecordWriterFactory())
 
 
 def read_metrics(out: fs.PathLike) -> list[dict]:
