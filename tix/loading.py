@@ -19,6 +19,7 @@ import numpy as np
 from tix import hub, weights
 from tix.errors import CheckpointError, ConfigError
 from tix.models import clip
+from tix.models.shapes import param_shapes
 from tix.models.unet import UNet2DConditionModel, UNetConfig
 from tix.models.vae import AutoencoderKL, VAEConfig, rename_legacy_vae_keys
 from tix.pipeline import StableDiffusion, TextSide
@@ -289,7 +290,7 @@ def _load_params(
     state = read_state_dict(folder / component, WEIGHT_NAMES[component], variant)
     if rename is not None:
         state = rename(state)
-    abstract = jax.eval_shape(module.init_params, jax.random.key(0))
+    abstract = param_shapes(module)
     try:
         params = weights.from_torch(state, abstract, dtype=dtype, component=f"{folder.name}/{component}", ignore=ignore)
     except weights.WeightsError as err:

@@ -31,6 +31,7 @@ import numpy as np
 
 from tix.errors import ConfigError
 from tix.models.attention import attention
+from tix.models.shapes import param_shapes
 from tix.weights import from_torch
 
 # Buffers some checkpoints carry that are not parameters: `position_ids` is an arange that older transformers
@@ -437,7 +438,7 @@ def normalize_torch_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def abstract_params(config: CLIPTextConfig, param_dtype: Any = jnp.float32) -> dict[str, Any]:
     """ShapeDtypeStructs of the model's parameter tree (without the "params" collection), at no memory cost."""
-    return jax.eval_shape(CLIPTextModel(config, param_dtype=param_dtype).init_params, jax.random.key(0))
+    return param_shapes(CLIPTextModel(config, param_dtype=param_dtype))
 
 
 def load_params(

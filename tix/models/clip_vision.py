@@ -23,6 +23,7 @@ import numpy as np
 
 from tix.errors import ConfigError
 from tix.models import clip
+from tix.models.shapes import param_shapes
 from tix.weights import from_torch
 
 # Buffers CLIPModel checkpoints carry that are not parameters (older transformers saved them).
@@ -176,7 +177,7 @@ class CLIPModel(nn.Module):
 
 def abstract_params(config: CLIPConfig, param_dtype: Any = jnp.float32) -> dict[str, Any]:
     """ShapeDtypeStructs of the parameter tree, at no memory cost."""
-    return jax.eval_shape(CLIPModel(config, param_dtype=param_dtype).init_params, jax.random.key(0))
+    return param_shapes(CLIPModel(config, param_dtype=param_dtype))
 
 
 def load_params(state_dict: Mapping[str, np.ndarray], config: CLIPConfig, *, dtype: Any = np.float32,
