@@ -7,6 +7,7 @@ The compile for a real TPU topology needs libtpu, which CI lacks, so CI checks t
 `benchmarks/tpu_plan.py --model tiny --target v5litepod-8` compiles for a slice where libtpu is installed.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -83,6 +84,40 @@ def test_compile_only_reports_cost_and_memory_caches_the_step_and_writes_no_run(
     assert any(compiled.iterdir())  # the compiled step persisted for the next run with these shapes
 
 
+def _never_traced(*args, **kwargs):
+    raise AssertionError("the train step was traced: its compiled executable was not loaded from the cache")
+
+
+def test_a_second_run_loads_the_compiled_step_without_tracing_it_and_learns_the_same(tmp_path, tiny_dirs, concepts,
+                                                                                      monkeypatch):
+    """The executable in tix's disk cache is the one the first run compiled: the second run never traces the step
+    (tracing raises here) and learns bit for bit the same vectors. Another optimizer setting, or a damaged entry,
+    traces and compiles again."""
+    import numpy as np
+
+    from train import invert
+
+    cache = tmp_path / "cache"
+    cfg = config(tiny_dirs("sd1"), concepts, tmp_path / "first", compile_cache=str(cache), concepts_per_step=2)
+    def same_as_first(result):
+        assert result.vectors.keys() == first.vectors.keys()
+        for token, vectors in first.vectors.items():
+            for side, v in vectors.items():
+                np.testing.assert_array_equal(result.vectors[token][side], v)
+
+    first = invert.run(cfg, progress=False)
+    (entry,) = cache.glob("step-*")
+    monkeypatch.setattr(compile_plan, "train_step", _never_traced)
+    same_as_first(invert.run(dataclasses.replace(cfg, out=str(tmp_path / "second")), progress=False))
+    with pytest.raises(AssertionError, match="was traced"):  # the learning rate is part of the compiled step
+        invert.run(dataclasses.replace(cfg, out=str(tmp_path / "third"), lr=cfg.lr * 2), progress=False)
+    monkeypatch.undo()
+    entry.write_bytes(b"torn")
+    same_as_first(invert.run(dataclasses.replace(cfg, out=str(tmp_path / "fourth")), progress=False))
+    assert entry.stat().st_size > 4  # replaced by the executable compiled again
+    compile_plan.enable_cache(None)
+
+
 def test_a_plan_that_does_not_fit_says_so_and_exits_3(tmp_path, tiny_dirs, concepts, compiled, capsys,
                                                       monkeypatch):
     monkeypatch.setattr(compile_plan, "device_memory_limit", lambda: 1_000_000)  # a 1 MB device
@@ -101,7 +136,7 @@ def test_concepts_per_step_fill_the_memory_of_the_compiled_step(tmp_path, tiny_d
 
     compiled_at = []
 
-    def compile_from_shapes(sd, step_cfg, optimizer, shapes, mesh, bytes_limit):
+    def compile_from_shapes(sd, step_cfg, optimizer, shapes, mesh, bytes_limit, optimizer_settings=None):
         compiled_at.append(shapes.slots)
         images = shapes.slots * step_cfg.batch_size
         return compile_plan.Plan("cpu", 1, images, 1e9, 1000 + 100 * shapes.slots, bytes_limit, 0.0)

@@ -11,8 +11,10 @@ report the same figures the same way.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from functools import partial
@@ -24,20 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tix import parallel
+from tix import disk_cache, parallel
 from tix.errors import ConfigError, TixError
 from train import cost
 from train.step import Layout, StepConfig, Tables, TrainState, train_step
 
+log = logging.getLogger(__name__)
+
 # Small entries and quick compiles are cached too: the VAE encoder and a small model's step are what a warm start
 # would otherwise still compile.
 _MIN_COMPILE_SECONDS = 0.2
-
-
-def default_cache_dir() -> Path:
-    """The user cache folder for compiled steps ($XDG_CACHE_HOME/tix/jax, else ~/.cache/tix/jax)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tix" / "jax"
 
 
 def cache_dir(setting: str | bool | None) -> Path | None:
@@ -46,16 +44,18 @@ def cache_dir(setting: str | bool | None) -> Path | None:
     "none" turn the cache off; anything else is a folder."""
     if setting is None:
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]) if os.environ.get("JAX_COMPILATION_CACHE_DIR") \
-            else default_cache_dir()
+            else disk_cache.default_folder()
     if setting is False or str(setting).strip().lower() in ("", "off", "false", "none"):
         return None
     return Path(str(setting)).expanduser()
 
 
 def enable_cache(setting: str | bool | None) -> Path | None:
-    """Point JAX's persistent compilation cache at `cache_dir(setting)` (or turn it off), so a second run with the
-    same shapes loads its compiled step instead of compiling it again. Returns the folder in use."""
+    """Point JAX's persistent compilation cache and tix's own (`tix.disk_cache`) at `cache_dir(setting)` (or turn
+    them off), so a second run with the same shapes loads its compiled step instead of tracing and compiling it
+    again. Returns the folder in use."""
     folder = cache_dir(setting)
+    disk_cache.use(folder)
     from jax._src import compilation_cache
 
     wanted = str(folder) if folder else None
@@ -230,32 +230,95 @@ def device_memory_limit() -> int | None:
     return stats.get("bytes_limit")
 
 
+def step_description(sd: Any, step_cfg: StepConfig, optimizer_settings: dict[str, Any], layout: Layout) -> str:
+    """Everything a compiled step depends on besides its arguments' shapes and tix's code: the models' structure
+    (not their weights, which are arguments), the step's static settings, the optimizer's and the device layout."""
+    text = [(side.name, repr(side.model), side.max_length, side.tokenizer.eos_token_id,
+             getattr(side.tokenizer, "pad_token_id", None)) for side in sd.text]
+    mesh = layout.mesh
+    devices = [(d.id, d.platform, getattr(d, "device_kind", "")) for d in mesh.devices.flat]
+    return repr((sd.kind, repr(sd.unet), repr(sd.vae), sd.schedule, text, step_cfg, sorted(optimizer_settings.items()),
+                 dict(mesh.shape), devices, layout.sharded_tables, jax.process_count()))
+
+
+def _signature(args: Any) -> str:
+    """The arguments as the compiled program sees them: tree, shapes, dtypes and shardings."""
+    leaves, tree = jax.tree.flatten(args)
+    return repr((str(tree), [(tuple(np.shape(x)), str(x.dtype), str(getattr(x, "sharding", None)),
+                              bool(getattr(x, "weak_type", False))) for x in leaves]))
+
+
+def _loadable(mesh: Mesh) -> bool:
+    # A serialised executable is loaded onto this process's devices: not for a TPU slice compiled from afar, and not
+    # across hosts, where every process would have to find the same entry.
+    return jax.process_count() == 1 and all(d in jax.local_devices() for d in mesh.devices.flat)
+
+
+def _load_executable(name: str) -> tuple[Any, float, int] | None:
+    data = disk_cache.read(name)
+    if data is None:
+        return None
+    from jax.experimental import serialize_executable
+
+    try:
+        payload, in_tree, out_tree, flops, device_bytes = pickle.loads(data)
+        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree), flops, device_bytes
+    except Exception as err:  # an entry from another runtime, or damaged: compile again and replace it
+        log.info("compiled step %s not usable (%s); compiling it again", name, err)
+        return None
+
+
+def _save_executable(name: str, compiled: Any, flops: float, device_bytes: int) -> None:
+    from jax.experimental import serialize_executable
+
+    try:
+        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    except Exception as err:  # some backends cannot serialise; the next run compiles again
+        log.info("compiled step not saved (%s)", err)
+        return
+    disk_cache.write(name, pickle.dumps((payload, in_tree, out_tree, flops, device_bytes)))
+
+
 def compile_step(step_fn: Any, args: tuple[Any, ...], images_per_step: int, mesh: Mesh,
-                 bytes_limit: int | None) -> tuple[Any, Plan]:
+                 bytes_limit: int | None, description: str | None = None) -> tuple[Any, Plan]:
     """Lower and compile `step_fn` for `args` (arrays or ShapeDtypeStructs); the executable and its plan. The one
-    place a step is compiled, for a run and for a plan alike."""
+    place a step is compiled, for a run and for a plan alike.
+
+    With a `description` (`step_description`) of what `step_fn` closes over, the executable is kept in tix's disk
+    cache and a later process with the same code, description and argument signature loads it without tracing the
+    step (JAX's own cache skips only XLA's compile, not the seconds of tracing a UNet's forward and backward)."""
     t0 = time.perf_counter()
-    lowered = step_fn.lower(*args)
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
+    name = disk_cache.key("step", description + _signature(args)) if description and _loadable(mesh) else None
+    found = _load_executable(name) if name else None
+    if found is not None:
+        compiled, flops, device_bytes = found
+    else:
+        lowered = step_fn.lower(*args)
+        compiled = lowered.compile()
+        flops = cost.flops(lowered)
+        if not np.isfinite(flops):
+            # Lowered for a TPU that is not attached: XLA counts only on the compiled program, which after SPMD
+            # partitioning is one device's share of the step.
+            flops = cost.flops(compiled) * mesh.devices.size
+        device_bytes = cost.device_bytes(compiled)
+        if name:
+            _save_executable(name, compiled, flops, device_bytes)
     device = mesh.devices.flat[0]
-    flops = cost.flops(lowered)
-    if not np.isfinite(flops):
-        # Lowered for a TPU that is not attached: XLA counts only on the compiled program, which after SPMD
-        # partitioning is one device's share of the step.
-        flops = cost.flops(compiled) * mesh.devices.size
     plan = Plan(getattr(device, "device_kind", str(device.platform)), mesh.devices.size, images_per_step,
-                flops / max(images_per_step, 1), cost.device_bytes(compiled), bytes_limit, seconds)
+                flops / max(images_per_step, 1), device_bytes, bytes_limit, time.perf_counter() - t0)
     return compiled, plan
 
 
 def plan(sd: Any, step_cfg: StepConfig, optimizer: Any, shapes: Shapes, mesh: Mesh,
-         bytes_limit: int | None) -> Plan:
-    """Compile the step for `mesh` from shapes alone and say what it costs."""
-    step_fn = step_function(sd, step_cfg, optimizer, Layout(mesh, shapes.sharded_tables))
+         bytes_limit: int | None, optimizer_settings: dict[str, Any] | None = None) -> Plan:
+    """Compile the step for `mesh` from shapes alone and say what it costs (kept in the disk cache when the
+    settings `optimizer` was made from are given)."""
+    layout = Layout(mesh, shapes.sharded_tables)
+    step_fn = step_function(sd, step_cfg, optimizer, layout)
     args = abstract_args(sd, shapes, step_cfg.resolution, optimizer, mesh)
     images = shapes.slots * step_cfg.batch_size * step_cfg.grad_accum
-    return compile_step(step_fn, args, images, mesh, bytes_limit)[1]
+    description = None if optimizer_settings is None else step_description(sd, step_cfg, optimizer_settings, layout)
+    return compile_step(step_fn, args, images, mesh, bytes_limit, description)[1]
 
 
 # ---- how many concepts share a step

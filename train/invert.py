@@ -251,12 +251,17 @@ def _load(cfg: TrainConfig, sd: StableDiffusion | None) -> tuple[StableDiffusion
     return sd, resolution
 
 
+def _optimizer_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """`make_optimizer`'s arguments for this run."""
+    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum if cfg.scale_lr else 1)
+    return dict(lr=lr, steps=cfg.steps, schedule=cfg.lr_schedule, warmup=cfg.warmup_steps,
+                weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                max_grad_norm=cfg.max_grad_norm)
+
+
 def _step_settings(cfg: TrainConfig, resolution: int) -> tuple[StepConfig, Any]:
     """The compiled step's static settings and its optimizer."""
-    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum if cfg.scale_lr else 1)
-    optimizer = make_optimizer(lr, cfg.steps, schedule=cfg.lr_schedule, warmup=cfg.warmup_steps,
-                               weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                               max_grad_norm=cfg.max_grad_norm)
+    optimizer = make_optimizer(**_optimizer_settings(cfg))
     step_cfg = StepConfig(cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution,
                           cfg.init_reg, cfg.progressive_every, cfg.per_image_mix if cfg.per_image_tokens else 0.0)
     return step_cfg, optimizer
@@ -270,7 +275,8 @@ def _planner(cfg: TrainConfig, sd: StableDiffusion, prepared: list[Prepared], st
     def plan_at(k: int) -> compile_plan.Plan:
         shapes = step_shapes(cfg, prepared, k, mesh.devices.size)
         if shapes not in plans:
-            plans[shapes] = compile_plan.plan(sd, step_cfg, optimizer, shapes, mesh, bytes_limit)
+            plans[shapes] = compile_plan.plan(sd, step_cfg, optimizer, shapes, mesh, bytes_limit,
+                                              _optimizer_settings(cfg))
         return plans[shapes]
 
     return plan_at
@@ -338,7 +344,9 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     wave_size = min(cfg.concepts_per_step, len(prepared))
     shapes = step_shapes(cfg, prepared, wave_size, mesh.devices.size)
     frozen = place_frozen(sd, mesh)
-    step_fn = compile_plan.step_function(sd, step_cfg, optimizer, Layout(mesh, shapes.sharded_tables))
+    layout = Layout(mesh, shapes.sharded_tables)
+    step_fn = compile_plan.step_function(sd, step_cfg, optimizer, layout)
+    step_key = compile_plan.step_description(sd, step_cfg, _optimizer_settings(cfg), layout)
     waves = [prepared[i:i + wave_size] for i in range(0, len(prepared), wave_size)]
     metrics_log = MetricsLog(out, enabled=is_main)
     compiled = None
@@ -361,7 +369,8 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
                 log.info("resumed wave %d at step %d", w, int(parallel.to_host(state.step)))
             if compiled is None:
                 compiled, step_plan = compile_plan.compile_step(
-                    step_fn, (state, frozen, tables), shapes.slots * cfg.batch_size * cfg.grad_accum, mesh, limit)
+                    step_fn, (state, frozen, tables), shapes.slots * cfg.batch_size * cfg.grad_accum, mesh, limit,
+                    step_key)
                 step_plan = dataclasses.replace(step_plan, concepts_per_step=wave_size)
                 compile_seconds = step_plan.compile_seconds
                 if is_main:
