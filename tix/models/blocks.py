@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tix.models.attention import attention
+from tix.models.convolution import conv_general_dilated
 
 Dtype = Any
 
@@ -36,7 +37,8 @@ def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, p
     """A square conv with symmetric explicit padding (default: 'same' for odd kernels, as diffusers' (k - 1) // 2)."""
     pad = (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), dtype=dtype, name=name
+        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), dtype=dtype, name=name,
+        conv_general_dilated=conv_general_dilated,
     )
 
 

@@ -1,0 +1,101 @@
+"""The im2col convolution a CPU uses computes what XLA's convolution does, values and input gradients, for every
+kernel, stride and padding the UNet and VAE use, and is chosen only where it applies."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from tix.models import convolution as C
+from tix.models import platform
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _operands(n, hw, c_in, c_out, k, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, hw, hw, c_in)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, k, c_in, c_out)) / np.sqrt(k * k * c_in), dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("k, stride, pad, hw", [
+    (3, 1, 1, 9),  # resnet convs
+    (3, 2, 1, 9),  # UNet downsamplers (odd size)
+    (3, 2, 0, 8),  # VAE downsamplers: padded (0, 1) by hand, then VALID
+    (1, 1, 0, 7),  # shortcuts, SD 1.x proj_in/out
+])
+def test_im2col_equals_xla_values_and_input_gradients(k, stride, pad, hw):
+    x, w = _operands(2, hw, 24, 16, k)
+    padding = ((pad, pad), (pad, pad))
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(
+        lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC).shape), jnp.float32)
+
+    def run(conv):
+        def loss(x):
+            return jnp.sum(conv(x, w, (stride, stride), padding, dimension_numbers=NHWC) * weights)
+
+        return jax.jit(lambda x: conv(x, w, (stride, stride), padding, dimension_numbers=NHWC))(x), \
+            jax.jit(jax.grad(loss))(x)
+
+    assert C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
+    (y, dx), (y_ref, dx_ref) = run(C.conv_general_dilated), run(lax.conv_general_dilated)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_im2col_in_bfloat16_stays_within_bfloat16_rounding():
+    x, w = _operands(1, 8, 32, 32, 3, jnp.bfloat16)
+    padding = ((1, 1), (1, 1))
+    y = C.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+    ref = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), padding,
+                                   dimension_numbers=NHWC)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=0.05, atol=0.05)
+
+
+def test_chosen_only_on_a_cpu_below_the_size_limit_for_plain_convolutions(monkeypatch):
+    x, w = _operands(1, 16, 8, 8, 3)
+    padding = ((1, 1), (1, 1))
+    assert C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
+    assert not C._im2col_applies(x, w, padding, None, (2, 2), NHWC, 1, 1)  # dilated
+    assert not C._im2col_applies(x, w[:, :, :4], padding, None, None, NHWC, 2, 1)  # grouped
+    assert not C._im2col_applies(x, w, "SAME", None, None, NHWC, 1, 1)
+    assert not C._im2col_applies(jnp.moveaxis(x, -1, 1), w, padding, None, None, ("NCHW", "HWIO", "NCHW"), 1, 1)
+    monkeypatch.setattr(C, "IM2COL_MAX_BYTES", 16 * 16 * 9 * 8 * 4 - 1)  # one byte short of this input's matrix
+    assert not C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
+    monkeypatch.setattr(C, "IM2COL_MAX_BYTES", 2**26)
+    with platform.compiling_for("tpu"):  # a TPU slice's step compiled on this CPU host
+        assert not C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
+    assert C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(C.jax, "default_backend", lambda backend=backend: backend)
+        assert not C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
+
+
+def test_a_unet_gives_the_same_output_and_gradient_either_way(monkeypatch):
+    from tix.models.unet import UNet2DConditionModel, UNetConfig
+
+    unet = UNet2DConditionModel(UNetConfig(block_out_channels=(32, 64), down_block_types=(
+        "CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=(1, 1), transformer_layers_per_block=(1, 1), num_heads=(2, 2), cross_attention_dim=32,
+        norm_num_groups=8))
+    sample, t, context, added = unet.dummy_inputs(height=16, width=16, context_len=8)
+    params = unet.init_params(jax.random.key(0), height=16, width=16, context_len=8)
+    sample = jax.random.normal(jax.random.key(1), sample.shape)
+    context = jax.random.normal(jax.random.key(2), context.shape)
+
+    def run():
+        def loss(context):
+            return jnp.sum(unet.apply({"params": params}, sample, t + 500, context, added) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss))(context)
+
+    (value, grad) = run()
+    monkeypatch.setattr(C, "IM2COL_MAX_BYTES", 0)
+    (ref_value, ref_grad) = run()
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
