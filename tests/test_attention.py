@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tix.models import attention as A
+from tix.models import platform
 
 
 def _qkv(shape, keys, dtype, seed=0):
@@ -77,6 +78,10 @@ def test_blocked_chosen_for_long_self_attention_on_cpu_only(monkeypatch):
     assert impl(256, 256) == "xla"
     monkeypatch.setattr(A.jax, "default_backend", lambda: "tpu")
     assert impl(4096, 4096, d=40) == "xla"
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "cpu")
+    with platform.compiling_for("tpu"):  # a TPU slice's step compiled on this CPU host gets the TPU's form
+        assert impl(4096, 4096, d=40) == "xla"
+    assert impl(4096, 4096, d=40) == "blocked"
 
 
 def test_attention_entry_point_takes_the_blocked_path(monkeypatch):

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from tix import disk_cache, parallel
 from tix.errors import ConfigError, TixError
+from tix.models import platform
 from train import cost
 from train.step import Layout, StepConfig, Tables, TrainState, train_step
 
@@ -293,7 +294,8 @@ def compile_step(step_fn: Any, args: tuple[Any, ...], images_per_step: int, mesh
     if found is not None:
         compiled, flops, device_bytes = found
     else:
-        lowered = step_fn.lower(*args)
+        with platform.compiling_for(mesh.devices.flat[0].platform):  # a TPU slice's step takes the TPU's forms
+            lowered = step_fn.lower(*args)
         compiled = lowered.compile()
         flops = cost.flops(lowered)
         if not np.isfinite(flops):

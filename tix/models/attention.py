@@ -7,6 +7,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from tix.models import platform
+
 # Blocked attention's rows per block are chosen so a block's float32 logits take about this many bytes: small enough
 # to stay in a CPU's cache between the matmul, the softmax and the second matmul, large enough that the loop over
 # blocks costs nothing.
@@ -34,7 +36,7 @@ def _implementation(q: jax.Array, k: jax.Array, causal: bool = False) -> str:
     backward at 1024 and 4096 positions; TPUs and GPUs fuse the plain form well, so they keep it.
     """
     head_dim, length = q.shape[-1], q.shape[1]
-    backend = jax.default_backend()
+    backend = platform.backend()
     if (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128 and k.shape[1] == length and length % 2 == 0):
         return "cudnn"
