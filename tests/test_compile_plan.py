@@ -115,6 +115,16 @@ def test_a_second_run_loads_the_compiled_step_without_tracing_it_and_learns_the_
     entry.write_bytes(b"torn")
     same_as_first(invert.run(dataclasses.replace(cfg, out=str(tmp_path / "fourth")), progress=False))
     assert entry.stat().st_size > 4  # replaced by the executable compiled again
+    # Another step count: another entry of tix's, but the same program, which JAX's own cache already holds; the
+    # executable kept must still be a complete one (one loaded from JAX's cache serialised without its kernels).
+    longer = dataclasses.replace(cfg, out=str(tmp_path / "fifth"), steps=cfg.steps + 1)
+    fifth = invert.run(longer, progress=False)
+    assert len(list(cache.glob("step-*"))) == 2
+    monkeypatch.setattr(compile_plan, "train_step", _never_traced)
+    sixth = invert.run(dataclasses.replace(longer, out=str(tmp_path / "sixth")), progress=False)
+    for token, vectors in fifth.vectors.items():
+        for side, v in vectors.items():
+            np.testing.assert_array_equal(sixth.vectors[token][side], v)
     compile_plan.enable_cache(None)
 
 

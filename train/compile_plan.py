@@ -10,13 +10,14 @@ report the same figures the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,23 @@ def _save_executable(name: str, compiled: Any, flops: float, device_bytes: int) 
     disk_cache.write(name, pickle.dumps((payload, in_tree, out_tree, flops, device_bytes)))
 
 
+@contextlib.contextmanager
+def _without_jax_cache() -> Iterator[None]:
+    """Compile without JAX's persistent cache: an XLA:CPU executable JAX loaded from its cache serialises without
+    the code of its fused kernels ("Function ... not found" when that copy runs), so the executable tix keeps must
+    come from a real compile. tix's own entry then stands in for JAX's."""
+    from jax._src import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether its cache is in use; make it decide again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def compile_step(step_fn: Any, args: tuple[Any, ...], images_per_step: int, mesh: Mesh,
                  bytes_limit: int | None, description: str | None = None) -> tuple[Any, Plan]:
     """Lower and compile `step_fn` for `args` (arrays or ShapeDtypeStructs); the executable and its plan. The one
@@ -296,7 +314,8 @@ def compile_step(step_fn: Any, args: tuple[Any, ...], images_per_step: int, mesh
     else:
         with platform.compiling_for(mesh.devices.flat[0].platform):  # a TPU slice's step takes the TPU's forms
             lowered = step_fn.lower(*args)
-        compiled = lowered.compile()
+        with _without_jax_cache() if name else contextlib.nullcontext():
+            compiled = lowered.compile()
         flops = cost.flops(lowered)
         if not np.isfinite(flops):
             # Lowered for a TPU that is not attached: XLA counts only on the compiled program, which after SPMD
