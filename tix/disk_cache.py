@@ -85,10 +85,21 @@ def write(name: str, data: bytes) -> None:
     where = folder()
     if where is None:
         return
+    temporary = None
     try:
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=where, prefix=f".{name}.", delete=False) as f:
+            temporary = f.name
             f.write(data)
-        os.replace(f.name, where / name)
+        os.replace(temporary, where / name)
     except OSError as err:
         log.debug("could not write %s to %s: %s", name, where, err)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+
+
+def remove(name: str) -> None:
+    """Drop an entry that could not be used, so no later process reads it again."""
+    where = folder()
+    if where is not None:
+        (where / name).unlink(missing_ok=True)

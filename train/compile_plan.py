@@ -10,14 +10,13 @@ report the same figures the same way.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from tix import disk_cache, parallel
 from tix.errors import ConfigError, TixError
 from tix.models import platform
 from train import cost
-from train.step import Layout, StepConfig, Tables, TrainState, train_step
+from train.step import Layout, StepConfig, Tables, TrainState, optimizer_program, train_step
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +238,8 @@ def step_description(sd: Any, step_cfg: StepConfig, optimizer_settings: dict[str
              getattr(side.tokenizer, "pad_token_id", None)) for side in sd.text]
     mesh = layout.mesh
     devices = [(d.id, d.platform, getattr(d, "device_kind", "")) for d in mesh.devices.flat]
-    return repr((sd.kind, repr(sd.unet), repr(sd.vae), sd.schedule, text, step_cfg, sorted(optimizer_settings.items()),
+    optimizer = sorted(optimizer_program(optimizer_settings).items())
+    return repr((sd.kind, repr(sd.unet), repr(sd.vae), sd.schedule, text, step_cfg, optimizer,
                  dict(mesh.shape), devices, layout.sharded_tables, jax.process_count()))
 
 
@@ -265,8 +265,9 @@ def _load_executable(name: str) -> tuple[Any, float, int] | None:
     try:
         payload, in_tree, out_tree, flops, device_bytes = pickle.loads(data)
         return serialize_executable.deserialize_and_load(payload, in_tree, out_tree), flops, device_bytes
-    except Exception as err:  # an entry from another runtime, or damaged: compile again and replace it
+    except Exception as err:  # an entry from another runtime, or damaged: drop it and compile again
         log.info("compiled step %s not usable (%s); compiling it again", name, err)
+        disk_cache.remove(name)
         return None
 
 
@@ -281,21 +282,22 @@ def _save_executable(name: str, compiled: Any, flops: float, device_bytes: int) 
     disk_cache.write(name, pickle.dumps((payload, in_tree, out_tree, flops, device_bytes)))
 
 
-@contextlib.contextmanager
-def _without_jax_cache() -> Iterator[None]:
-    """Compile without JAX's persistent cache: an XLA:CPU executable JAX loaded from its cache serialises without
-    the code of its fused kernels ("Function ... not found" when that copy runs), so the executable tix keeps must
-    come from a real compile. tix's own entry then stands in for JAX's."""
-    from jax._src import compilation_cache
+def _compile(lowered: Any) -> tuple[Any, bool]:
+    """The executable, and whether XLA built it here rather than JAX loading it from its persistent cache: an
+    XLA:CPU executable JAX loaded from its cache serialises without the code of its fused kernels ("Function ... not
+    found" when that copy runs), so only a real compile may be kept in tix's cache."""
+    hits = []
 
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # JAX decides once whether its cache is in use; make it decide again
+    def listener(event: str, **kwargs: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
     try:
-        yield
+        compiled = lowered.compile()
     finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-        compilation_cache.reset_cache()
+        jax.monitoring.unregister_event_listener(listener)
+    return compiled, not hits
 
 
 def compile_step(step_fn: Any, args: tuple[Any, ...], images_per_step: int, mesh: Mesh,
@@ -314,15 +316,14 @@ def compile_step(step_fn: Any, args: tuple[Any, ...], images_per_step: int, mesh
     else:
         with platform.compiling_for(mesh.devices.flat[0].platform):  # a TPU slice's step takes the TPU's forms
             lowered = step_fn.lower(*args)
-        with _without_jax_cache() if name else contextlib.nullcontext():
-            compiled = lowered.compile()
+        compiled, built_here = _compile(lowered)
         flops = cost.flops(lowered)
         if not np.isfinite(flops):
             # Lowered for a TPU that is not attached: XLA counts only on the compiled program, which after SPMD
             # partitioning is one device's share of the step.
             flops = cost.flops(compiled) * mesh.devices.size
         device_bytes = cost.device_bytes(compiled)
-        if name:
+        if name and built_here:  # else the next run with this step loads it from JAX's cache, after tracing it
             _save_executable(name, compiled, flops, device_bytes)
     device = mesh.devices.flat[0]
     plan = Plan(getattr(device, "device_kind", str(device.platform)), mesh.devices.size, images_per_step,

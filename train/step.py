@@ -69,6 +69,12 @@ def clip_per_concept(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def optimizer_program(settings: dict[str, Any]) -> dict[str, Any]:
+    """Of `make_optimizer`'s arguments, those its compiled update depends on: the step count only shapes a cosine
+    schedule, so runs of different lengths otherwise share one compiled step."""
+    return {k: v for k, v in settings.items() if k != "steps" or settings.get("schedule") == "cosine"}
+
+
 def make_optimizer(
     lr: float, steps: int, *, schedule: str = "constant", warmup: int = 0, weight_decay: float = 1e-2,
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = None,
