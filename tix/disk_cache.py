@@ -3,8 +3,8 @@ description of what was derived (a compiled train step, a model's parameter shap
 same inputs reads them instead of tracing the model again.
 
 Every key hashes the source of tix and train, so an edited or upgraded tix never reads what an older one wrote; an
-entry that cannot be read back is derived again and overwritten. Entries are written to a temporary name and renamed,
-so two processes sharing the folder never see half an entry.
+entry that cannot be read back is derived again (and dropped or replaced). Entries are written to a temporary name
+and renamed, so two processes sharing the folder never see half an entry.
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ def default_folder() -> Path:
     return Path(base) / "tix" / "jax"
 
 
-# The folder in use; `use` moves it (tix invert's `compile_cache` setting), None turns the cache off.
-_folder: Path | None = None
-_chosen = False
+_DEFAULT = "default"
+# The folder in use: the default until `use` moves it (tix invert's `compile_cache` setting); None: the cache is off.
+_folder: Path | None | str = _DEFAULT
 
 
 def use(folder: Path | None) -> None:
-    global _folder, _chosen
-    _folder, _chosen = folder, True
+    global _folder
+    _folder = folder
 
 
 def folder() -> Path | None:
-    return _folder if _chosen else default_folder()
+    return default_folder() if _folder == _DEFAULT else _folder
 
 
 @functools.lru_cache(maxsize=1)
