@@ -1,11 +1,10 @@
 import os
 
-# The suite compiles hundreds of tiny programs that each run for milliseconds: LLVM's optimisation of the CPU code is
-# most of their compile time and buys nothing here (about 18% of the training tests' time). XLA's own passes still
-# run, and no fast-math is involved, so results are the same arithmetic. Set before JAX starts its backend.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from tests.xla_flags import FAST_COMPILE
+
+# Set before JAX starts its backend; the flags and why: tests/xla_flags.py.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import pytest  # noqa: E402
 
@@ -16,9 +15,14 @@ from tests import tiny  # noqa: E402
 def _private_cache_folder(tmp_path_factory):
     """Compiled steps (tix's persistent compilation cache, on by default) go to this session's own folder, never the
     user's ~/.cache nor a JAX_COMPILATION_CACHE_DIR of theirs; subprocesses the tests start inherit it. Within a
-    session a step compiled twice with the same shapes is loaded the second time."""
+    session a step compiled twice with the same shapes is loaded the second time, whichever xdist worker compiled
+    it first: the workers' temporary folders share a parent that belongs to this session alone (entries are
+    written atomically, so two workers may write the same one)."""
     previous = {name: os.environ.pop(name, None) for name in ("XDG_CACHE_HOME", "JAX_COMPILATION_CACHE_DIR")}
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent / "xdg-cache" if os.environ.get("PYTEST_XDIST_WORKER") else base / "xdg-cache"
+    folder.mkdir(exist_ok=True)
+    os.environ["XDG_CACHE_HOME"] = str(folder)
     yield
     for name, value in previous.items():
         if value is None:

@@ -10,11 +10,13 @@ import json
 import os
 import sys
 
+from tests.xla_flags import with_devices
+
 
 def main() -> None:
     out, concepts, model, devices, pid, nproc, port = sys.argv[1:8]
     options = json.loads(sys.argv[8]) if len(sys.argv) > 8 else {}
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ["XLA_FLAGS"] = with_devices(int(devices))
     os.environ["JAX_PLATFORMS"] = "cpu"
     writes: list[str] = []
     real_open = builtins.open

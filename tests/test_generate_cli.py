@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import tix
+from tests.xla_flags import with_devices
 from tix import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +49,7 @@ print(json.dumps({
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return dict(env, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
+    return {**os.environ, "XLA_FLAGS": with_devices(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def runs(tiny_dirs, tmp_path_factory):
         "sdxl": ([*generate, "--model", str(sdxl), "--sampler", "euler", "--size", "48", "--seed", "7",
                   "--out", str(out / "sdxl")], _env()),
         "devices": ([sys.executable, "-c", DEVICES, str(sd1)],
-                    _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")),
+                    _env(XLA_FLAGS=with_devices(8))),
     }
     procs = {name: subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (cmd, env) in commands.items()}

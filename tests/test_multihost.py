@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import make_concept
+from tests.xla_flags import with_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +77,7 @@ def test_two_hosts_match_one_host(two_hosts):
 def test_fsdp_sharded_frozen_weights_match_replicated(tmp_path, tiny_dirs):
     script = (
         "import os, sys, json\n"
-        "os.environ['XLA_FLAGS']='--xla_force_host_platform_device_count=4'\n"
+        f"os.environ['XLA_FLAGS']={with_devices(4)!r}\n"
         "from train.config import TrainConfig\n"
         "from train.invert import run\n"
         "out = {}\n"

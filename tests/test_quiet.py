@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.xla_flags import with_devices
+
 ROOT = Path(__file__).resolve().parents[1]
 # Run the CLI as if torch were not installed: a None entry in sys.modules makes find_spec and import fail.
 WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from tix.cli import main; sys.argv[0] = 'tix'; main()"
@@ -17,7 +19,7 @@ BANNER = "PyTorch was not found"
 
 def _tix(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "XLA_FLAGS"))}
-    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=with_devices())
     return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=600)
 

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import tix
+from tests.xla_flags import with_devices
 from tix.embedding_files import read
 from tix.errors import ConfigError, TixError
 from tix.toyworld import world
@@ -135,7 +136,7 @@ def test_one_and_eight_devices_agree(tmp_path, tiny_dirs, images):
     outs = {}
     for n in (1, 8):
         proc = _cli(_invert_args(tiny_dirs("sd1"), images, tmp_path / f"d{n}", 8),
-                    env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"})
+                    env={"XLA_FLAGS": with_devices(n), "JAX_PLATFORMS": "cpu"})
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out
         outs[n] = _vectors(tmp_path / f"d{n}")
