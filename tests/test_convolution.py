@@ -1,6 +1,7 @@
 """The im2col convolution a CPU uses computes what XLA's convolution does, values and input gradients, for every
-kernel, stride and padding the UNet and VAE use, and is chosen only where it applies. Whole models with it are
-checked against diffusers by the parity tests (tests/test_unet.py, tests/test_vae.py), which run on a CPU."""
+kernel, stride and padding the UNet and VAE use, and is chosen only where it applies. A whole model with it is
+checked against diffusers by the full-size SD 1.5 UNet test (tests/test_unet.py), whose kernels are all above
+`IM2COL_MIN_KERNEL_BYTES`; the tiny models' kernels are below it, so their parity tests check XLA's convolution."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from tix.models import convolution as C
 from tix.models import platform
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True)
+def _small_kernels_too(monkeypatch):
+    """These tests' kernels are small, so that the tests are quick; the size rule is checked on its own below."""
+    monkeypatch.setattr(C, "IM2COL_MIN_KERNEL_BYTES", 0)
 
 
 def _operands(n, hw, c_in, c_out, k, dtype=jnp.float32, seed=0):
@@ -69,6 +76,10 @@ def test_chosen_only_on_a_cpu_below_the_size_limit_for_plain_convolutions(monkey
     monkeypatch.setattr(C, "IM2COL_MAX_BYTES", 16 * 16 * 9 * 8 * 4 - 1)  # one byte short of this input's matrix
     assert not C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
     monkeypatch.setattr(C, "IM2COL_MAX_BYTES", 2**26)
+    monkeypatch.setattr(C, "IM2COL_MIN_KERNEL_BYTES", w.size * 4 + 1)  # one byte more than this kernel
+    assert not C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
+    monkeypatch.setattr(C, "IM2COL_MIN_KERNEL_BYTES", w.size * 4)
+    assert C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
     with platform.compiling_for("tpu"):  # a TPU slice's step compiled on this CPU host
         assert not C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)
     assert C._im2col_applies(x, w, padding, None, None, NHWC, 1, 1)

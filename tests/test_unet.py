@@ -298,9 +298,15 @@ def test_missing_fields_take_diffusers_defaults():
 
 
 @pytest.mark.slow
-def test_full_size_sd15_random_weights():
+def test_full_size_sd15_random_weights(monkeypatch):
     """The real SD 1.5 architecture at an 8x8 latent, random weights from torch: relative error within 1e-5 (the
-    README's figure is 2.3e-6)."""
+    README's figure is 2.3e-6). Its kernels are large enough for the CPU's im2col convolution, which this test
+    checks in a whole model (the tiny models' parity tests run XLA's convolution)."""
+    from tix.models import convolution
+
+    im2col_calls = []
+    real_im2col = convolution._im2col
+    monkeypatch.setattr(convolution, "_im2col", lambda *a, **k: im2col_calls.append(1) or real_im2col(*a, **k))
     torch.manual_seed(0)
     torch_unet = TorchUNet.from_config(SD15).eval()
     rng = np.random.default_rng(0)
@@ -316,8 +322,9 @@ def test_full_size_sd15_random_weights():
     del torch_unet
     out = np.asarray(jax.jit(model.apply)({"params": params}, sample, timesteps, context))
     rel = np.abs(out - ref).max() / np.abs(ref).max()
-    print(f"unet full-size SD 1.5: max-abs err / max |ref| = {rel:.3g}")
+    print(f"unet full-size SD 1.5: max-abs err / max |ref| = {rel:.3g}, {len(im2col_calls)} im2col convolutions")
     assert rel < 1e-5
+    assert len(im2col_calls) >= 20
 
 
 def test_attention_takes_cudnn_flash_only_where_it_applies(monkeypatch):
