@@ -12,19 +12,9 @@ HELD_OUT_SEED = 20_251_126
 N_HELD_OUT = 600
 
 
-def _blur(images: np.ndarray, sigma: float) -> np.ndarray:
-    radius = int(np.ceil(3 * sigma))
-    taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
-    taps /= taps.sum()
-    x = np.pad(images.astype(np.float32), ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
-    h, w = images.shape[1:3]
-    x = sum(k * x[:, i : i + h] for i, k in enumerate(taps))
-    return sum(k * x[:, :, i : i + w] for i, k in enumerate(taps))
-
-
 def _degrade(images: np.ndarray, seed: int, noise: float, blur: float) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    x = _blur(images, blur) if blur else images.astype(np.float32)
+    x = scorer.gaussian_blur(images, blur) if blur else images.astype(np.float32)
     return np.clip(np.rint(x + rng.normal(0.0, noise, x.shape)), 0, 255).astype(np.uint8)
 
 
