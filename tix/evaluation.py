@@ -174,8 +174,8 @@ def toy_scores(sd: StableDiffusion, subject: Subject, protocol: Protocol,
         return drawn[-1]
 
     score = evaluate.score_phrase(generate, concept, subject.phrase, samples=protocol.samples, seed=protocol.seed)
-    return {"reconstruction": score.reconstruction, "editability": score.editability, "samples": score.samples,
-            "attributes": concept.fixed}, drawn[0]
+    return {"reconstruction": score.reconstruction, "editability": score.editability, "edit_obeyed": score.obeyed,
+            "samples": score.samples, "attributes": concept.fixed}, drawn[0]
 
 
 def evaluate_subjects(sd: StableDiffusion, subjects: Sequence[Subject], protocol: Protocol, *,

@@ -3,7 +3,10 @@ two axes (Gal et al. 2022, Fig. 10) measured by attributes instead of CLIP simil
 
 - reconstruction: the share of "a photo of a {phrase}" samples that show every attribute the concept fixes;
 - editability: the share of edited prompts ("a {phrase} on a green background", "a small {phrase}", ...) whose
-  samples keep the concept and obey the edit.
+  samples keep the concept and obey the edit;
+- obeyed: the share of those edited samples that obey the edit, kept concept or not. This is the paper's own
+  editability (CLIP similarity of each image to its prompt with the pseudo-word left out), which rewards a prompt
+  followed even where the concept is lost; `editability` asks for both.
 
 A phrase is whatever a method writes for the concept: a learned token, the best caption the world's words allow,
 the initializer word, or a random vector's token. Every phrase of a concept is sampled with the same prompts and the
@@ -30,12 +33,17 @@ class Score:
     reconstruction: float
     editability: float
     samples: int  # of each kind
+    obeyed: float = float("nan")
 
     def __add__(self, other: Score) -> Score:
         """The pooled score of two sets of samples."""
         n = self.samples + other.samples
-        return Score((self.reconstruction * self.samples + other.reconstruction * other.samples) / n,
-                     (self.editability * self.samples + other.editability * other.samples) / n, n)
+
+        def pool(a: float, b: float) -> float:
+            return (a * self.samples + b * other.samples) / n
+
+        return Score(pool(self.reconstruction, other.reconstruction), pool(self.editability, other.editability), n,
+                     pool(self.obeyed, other.obeyed))
 
 
 def prompts(concept: world.Concept, phrase: str, samples: int) -> list[tuple[str, dict[str, str], bool]]:
@@ -49,12 +57,18 @@ def prompts(concept: world.Concept, phrase: str, samples: int) -> list[tuple[str
     return recon + [(text, concept.expected(overrides), True) for text, overrides in chosen]
 
 
-def tally(images: np.ndarray, expected: Sequence[dict[str, str]], is_edit: Sequence[bool]) -> Score:
-    """Score generated images against what each prompt asked for."""
+def tally(images: np.ndarray, expected: Sequence[dict[str, str]], is_edit: Sequence[bool],
+          asked: Sequence[dict[str, str]] | None = None) -> Score:
+    """Score generated images against what each prompt asked for; `asked`, per image, the attributes its edit
+    alone asks for (for `Score.obeyed`; nan without it)."""
     scored = scorer.score(images)
     hits = np.array([scorer.matches(s, e) for s, e in zip(scored, expected, strict=True)])
     edit = np.asarray(is_edit, bool)
-    return Score(float(hits[~edit].mean()), float(hits[edit].mean()), int((~edit).sum()))
+    obeyed = float("nan")
+    if asked is not None:
+        follows = np.array([scorer.matches(s, a) for s, a in zip(scored, asked, strict=True)])
+        obeyed = float(follows[edit].mean())
+    return Score(float(hits[~edit].mean()), float(hits[edit].mean()), int((~edit).sum()), obeyed)
 
 
 def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: world.Concept, phrase: str, *,
@@ -64,7 +78,9 @@ def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: worl
     same for every phrase of a concept."""
     items = prompts(concept, phrase, samples)
     images = generate([p for p, _, _ in items], seed + zlib.crc32(concept.name.encode()) % 100_000)
-    return tally(images, [e for _, e, _ in items], [k for _, _, k in items])
+    # An edit only asks for attributes the concept leaves free (`world.edit_prompts`).
+    asked = [{a: v for a, v in e.items() if a not in concept.fixed} for _, e, _ in items]
+    return tally(images, [e for _, e, _ in items], [k for _, _, k in items], asked)
 
 
 def random_vectors(sd: StableDiffusion, seed: int) -> list[np.ndarray]:
