@@ -2,9 +2,10 @@ import os
 
 from tests.xla_flags import FAST_COMPILE
 
-# Set before JAX starts its backend; the flags and why: tests/xla_flags.py.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+# Set before JAX starts its backend; the flags and why: tests/xla_flags.py. A flag the caller set keeps its value.
+_given = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_given] + [f for f in FAST_COMPILE.split() if f.split("=")[0] + "=" not in _given]).strip()
 
 import pytest  # noqa: E402
 
