@@ -22,7 +22,7 @@ the images (`tix.toyworld.evaluate`). Methods, the variants of the paper's Fig. 
 For concepts with an unnamed value it also reports the cosine between the learned vector (tix-1v) and the erased
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
-Writes results.json, table.md and scatter.png (reconstruction vs editability and vs edit obeyed, named and unnamed
+Writes results.json, table.md (with edits obeyed) and scatter.png (reconstruction vs editability, named and unnamed
 concepts apart) to --out and prints the table.
 """
 
@@ -232,25 +232,22 @@ def scatter(summary: dict[str, dict[str, evaluate.Score]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 9), dpi=110, sharex=True, sharey=True)
-    y_axes = (("editability", "editability (edits kept and obeyed)"),
-              ("obeyed", "edit obeyed (the paper's editability)"))
-    for row, (field, y_label) in zip(axes, y_axes, strict=True):
-        for ax, group in zip(row, ("named", "unnamed"), strict=True):
-            for i, (method, groups) in enumerate(summary.items()):
-                if group not in groups:
-                    continue
-                s = groups[group]
-                xy = (s.reconstruction, getattr(s, field))
-                ax.scatter(*xy, color=f"C{i % 10}", marker="o" if method.startswith("tix") else "s", s=60)
-                ax.annotate(method, xy, textcoords="offset points", xytext=(5, 4), fontsize=7)
-            ax.set_title(f"{group} concepts")
-            ax.set_xlim(-0.03, 1.03)
-            ax.set_ylim(-0.03, 1.03)
-            ax.grid(alpha=0.3)
-        row[0].set_ylabel(y_label)
-    for ax in axes[1]:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110, sharex=True, sharey=True)
+    for ax, group in zip(axes, ("named", "unnamed"), strict=True):
+        for i, (method, groups) in enumerate(summary.items()):
+            if group not in groups:
+                continue
+            s = groups[group]
+            marker = "o" if method.startswith("tix") else "s"
+            ax.scatter(s.reconstruction, s.editability, color=f"C{i}", marker=marker, s=60, label=method)
+            ax.annotate(method, (s.reconstruction, s.editability), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
+        ax.set_title(f"{group} concepts")
         ax.set_xlabel("reconstruction (share of samples showing the concept)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("editability (share of edits kept and obeyed)")
     fig.suptitle("Textual inversion on the toy world: reconstruction against editability")
     fig.tight_layout()
     fig.savefig(path)
