@@ -2,6 +2,7 @@
 measures it (reconstruction against editability, Gal et al. 2022 Fig. 10), with the toy world's scorer as the judge.
 
     python benchmarks/toyworld.py [--concepts 10] [--steps 300] [--batch 4] [--samples 16] [--torch]
+    python benchmarks/toyworld.py --methods tix-1v --concepts 4 --repeats 3   # the named concepts, 3 draws each
 
 Inverts the toy world's benchmark concepts (5 images each; some made of a shape or colour no word names) in batched
 `tix invert` runs, then samples every method's phrase for every concept with the same prompts and seeds and scores
@@ -18,6 +19,9 @@ the images (`tix.toyworld.evaluate`). Methods, the variants of the paper's Fig. 
 - random: a random vector drawn from the vocabulary's embedding statistics;
 - with --torch, tix-1v exported to diffusers' format, loaded with `load_textual_inversion` into PyTorch diffusers'
   StableDiffusionPipeline, and scored the same way.
+
+With --repeats R every tix method learns every concept R times side by side in the same runs (the same images,
+independent noise and timestep draws) and its scores pool all R tokens: one draw per concept can move a row by 0.2.
 
 For concepts with an unnamed value it also reports the cosine between the learned vector (tix-1v) and the erased
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
@@ -70,13 +74,19 @@ def run_settings(run: str, args: argparse.Namespace) -> dict:
 SAMPLING = dict(steps=25, guidance=7.5, sampler="dpm++2m")
 
 
-def write_concepts(root: Path, concepts: list[world.Concept], methods: list[str], images: int, seed: int) -> None:
-    """One concept folder per (concept, method): the same 5 renders, with the method's vector count and the
+def drawn_methods(method: str, repeats: int) -> list[str]:
+    """The names a method's tokens take with `repeats` draws: the method itself, then method@1, method@2, ..."""
+    return [method] + [f"{method}@{r}" for r in range(1, repeats)]
+
+
+def write_concepts(root: Path, concepts: list[world.Concept], methods: list[str], images: int, seed: int,
+                   repeats: int = 1) -> None:
+    """One concept folder per (concept, method, draw): the same renders, with the method's vector count and the
     concept's initializer word in concept.yaml."""
     for c, concept in enumerate(concepts):
         pixels = world.concept_images(concept, images, seed + c)
-        for method in methods:
-            folder = root / f"{concept.name}@{method}"
+        for method, drawn in ((m, d) for m in methods for d in drawn_methods(m, repeats)):
+            folder = root / f"{concept.name}@{drawn}"
             folder.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(pixels):
                 Image.fromarray(image).save(folder / f"{i}.png")
@@ -90,13 +100,13 @@ def invert(model: str, concepts: list[world.Concept], out: Path, args: argparse.
     from train.invert import run
 
     learned, seconds = {}, {}
-    for run_name in dict.fromkeys(r for _, r in TIX_METHODS.values()):
-        methods = [m for m, (_, r) in TIX_METHODS.items() if r == run_name]
+    for run_name in dict.fromkeys(TIX_METHODS[m][1] for m in args.methods):
+        methods = [m for m in args.methods if TIX_METHODS[m][1] == run_name]
         if args.reuse and (out / "runs" / run_name / "tokens").is_dir():
             learned.update(_reused(out / "runs" / run_name / "tokens"))
             continue
         data = out / "data" / run_name
-        write_concepts(data, concepts, methods, args.images, args.seed)
+        write_concepts(data, concepts, methods, args.images, args.seed, args.repeats)
         cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
             "model": model, "concepts": str(data), "out": str(out / "runs" / run_name), "steps": args.steps,
             "batch_size": args.batch, "lr": args.lr, "validate_every": 0, "save_every": args.steps,
@@ -106,7 +116,7 @@ def invert(model: str, concepts: list[world.Concept], out: Path, args: argparse.
         result = run(cfg, progress=False)
         seconds[run_name] = time.perf_counter() - t0
         for token, vectors in result.vectors.items():
-            name, method = token.strip("<>").split("@")
+            name, method = token.strip("<>").split("@", 1)
             learned[name, method] = vectors
         print(f"run {run_name}: {len(result.tokens)} tokens, {args.steps} steps, {seconds[run_name]:.0f} s "
               f"(compile {result.compile_seconds:.0f} s), final loss {result.final_loss:.4f}", flush=True)
@@ -119,7 +129,7 @@ def _reused(library: Path) -> dict:
 
     out = {}
     for entry in Library(library).entries():
-        name, method = entry.concept.token.strip("<>").split("@")
+        name, method = entry.concept.token.strip("<>").split("@", 1)
         out[name, method] = dict(entry.concept.vectors)
     return out
 
@@ -130,14 +140,15 @@ def _bare(caption: str) -> str:
 
 
 def phrases(sd, concepts: list[world.Concept], learned: dict, seed: int) -> dict[tuple[str, str], str]:
-    """What each method writes for each concept; learned and random vectors are added to `sd` as tokens."""
+    """What each method (each draw of a tix method: `drawn_methods`) writes for each concept; learned and random
+    vectors are added to `sd` as tokens."""
     out = {}
     for c, concept in enumerate(concepts):
-        for method in TIX_METHODS:
-            token = f"<{concept.name}@{method}>"
-            vectors = learned[concept.name, method]
-            sd.add_tokens(token, [vectors[side.name] for side in sd.text])
-            out[concept.name, method] = token
+        for name, method in learned:
+            if name == concept.name:
+                token = f"<{concept.name}@{method}>"
+                sd.add_tokens(token, [learned[name, method][side.name] for side in sd.text])
+                out[concept.name, method] = token
         out[concept.name, "caption-long"] = _bare(concept.best_caption())
         out[concept.name, "caption-short"] = _bare(world.noun_phrase(
             {k: v for k, v in concept.fixed.items() if k in ("shape", "colour")}))
@@ -148,8 +159,8 @@ def phrases(sd, concepts: list[world.Concept], learned: dict, seed: int) -> dict
     return out
 
 
-def torch_generate(model_dir: Path, embeddings: Path, concepts: list[world.Concept]):
-    """A `generate(prompts, seed)` over PyTorch diffusers with the exported tix-1v tokens loaded from their files."""
+def torch_generate(model_dir: Path, embeddings: Path, tokens: list[str]):
+    """A `generate(prompts, seed)` over PyTorch diffusers with the exported `tokens` loaded from their files."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -159,8 +170,7 @@ def torch_generate(model_dir: Path, embeddings: Path, concepts: list[world.Conce
     pipe.set_progress_bar_config(disable=True)
     from tix.embedding_files import safe_stem
 
-    for concept in concepts:
-        token = f"<{concept.name}@tix-1v>"
+    for token in tokens:
         pipe.load_textual_inversion(str(embeddings / safe_stem(token) / "learned_embeds.safetensors"), token=token)
 
     def generate(prompts: list[str], seed: int) -> np.ndarray:
@@ -190,6 +200,8 @@ def erased_cosines(model_dir: Path, concepts: list[world.Concept], learned: dict
 
     out = {}
     for concept in concepts:
+        if (concept.name, "tix-1v") not in learned:
+            continue
         for attribute in concept.unnamed:
             word = concept.fixed[attribute]
             vector = np.asarray(learned[concept.name, "tix-1v"][sd.text[0].name], np.float32).reshape(-1)
@@ -273,7 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="take the vectors of runs already in --out; sample only")
     p.add_argument("--torch", action="store_true", help="also score tix-1v exported and loaded in PyTorch diffusers")
+    p.add_argument("--methods", nargs="+", default=list(TIX_METHODS), choices=list(TIX_METHODS),
+                   help="the tix methods to run (the captions, init word and random vector are always scored)")
+    p.add_argument("--repeats", type=int, default=1, help="independent draws of every tix token, scores pooled")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     concepts = world.benchmark_concepts()[: args.concepts]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -281,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sd = tix.load(args.model)
     said = phrases(sd, concepts, learned, args.seed)
-    methods = list(TIX_METHODS) + ["caption-long", "caption-short", "init-word", "random"]
+    methods = list(args.methods) + ["caption-long", "caption-short", "init-word", "random"]
 
     def generate(prompts: list[str], seed: int) -> np.ndarray:
         return sd.generate(prompts, seed=seed, **SAMPLING)
@@ -290,8 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     t1 = time.perf_counter()
     for concept in concepts:
         for method in methods:
-            scores[concept.name, method] = evaluate.score_phrase(generate, concept, said[concept.name, method],
-                                                                 samples=args.samples, seed=args.seed)
+            draws = drawn_methods(method, args.repeats) if method in TIX_METHODS else [method]
+            pooled = [evaluate.score_phrase(generate, concept, said[concept.name, d], samples=args.samples,
+                                            seed=args.seed) for d in draws]
+            scores[concept.name, method] = sum(pooled[1:], start=pooled[0])
         print(f"{concept.name}: " + "  ".join(
             f"{m} {scores[concept.name, m].reconstruction:.2f}/{scores[concept.name, m].editability:.2f}"
             f"/{scores[concept.name, m].obeyed:.2f}"
@@ -300,11 +319,14 @@ def main(argv: list[str] | None = None) -> None:
     from tix.loading import resolve
 
     cosines = erased_cosines(resolve(args.model), concepts, learned, sd)
-    if args.torch:
-        torch_gen = torch_generate(resolve(args.model), args.out / "runs" / "base" / "embeddings", concepts)
+    if args.torch and "tix-1v" in args.methods:
+        draws = drawn_methods("tix-1v", args.repeats)
+        torch_gen = torch_generate(resolve(args.model), args.out / "runs" / "base" / "embeddings",
+                                   [f"<{c.name}@{d}>" for c in concepts for d in draws])
         for concept in concepts:
-            scores[concept.name, "tix-1v (diffusers)"] = evaluate.score_phrase(
-                torch_gen, concept, f"<{concept.name}@tix-1v>", samples=args.samples, seed=args.seed)
+            pooled = [evaluate.score_phrase(torch_gen, concept, f"<{concept.name}@{d}>", samples=args.samples,
+                                            seed=args.seed) for d in draws]
+            scores[concept.name, "tix-1v (diffusers)"] = sum(pooled[1:], start=pooled[0])
         methods.append("tix-1v (diffusers)")
 
     summary = summarise(scores, concepts, methods)
