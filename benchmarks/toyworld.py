@@ -210,6 +210,16 @@ def erased_cosines(model_dir: Path, concepts: list[world.Concept], learned: dict
     return out
 
 
+def pool(scores: list[evaluate.Score]) -> evaluate.Score:
+    """One score over all the samples of `scores`."""
+    return sum(scores[1:], start=scores[0])
+
+
+def pooled_score(generate, concept: world.Concept, phrases: list[str], samples: int, seed: int) -> evaluate.Score:
+    """The score of all `phrases` (one method's draws) for `concept`, their samples pooled."""
+    return pool([evaluate.score_phrase(generate, concept, p, samples=samples, seed=seed) for p in phrases])
+
+
 def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
               methods: list[str]) -> dict[str, dict[str, evaluate.Score]]:
     groups = {"named": [c for c in concepts if c.nameable], "unnamed": [c for c in concepts if not c.nameable],
@@ -220,7 +230,7 @@ def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[worl
         for group, members in groups.items():
             pooled = [scores[c.name, method] for c in members if (c.name, method) in scores]
             if pooled:
-                out[method][group] = sum(pooled[1:], start=pooled[0])
+                out[method][group] = pool(pooled)
     return out
 
 
@@ -310,9 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     for concept in concepts:
         for method in methods:
             draws = drawn_methods(method, args.repeats) if method in TIX_METHODS else [method]
-            pooled = [evaluate.score_phrase(generate, concept, said[concept.name, d], samples=args.samples,
-                                            seed=args.seed) for d in draws]
-            scores[concept.name, method] = sum(pooled[1:], start=pooled[0])
+            scores[concept.name, method] = pooled_score(generate, concept, [said[concept.name, d] for d in draws],
+                                                        args.samples, args.seed)
         print(f"{concept.name}: " + "  ".join(
             f"{m} {scores[concept.name, m].reconstruction:.2f}/{scores[concept.name, m].editability:.2f}"
             f"/{scores[concept.name, m].obeyed:.2f}"
@@ -326,9 +335,8 @@ def main(argv: list[str] | None = None) -> None:
         torch_gen = torch_generate(resolve(args.model), args.out / "runs" / "base" / "embeddings",
                                    [f"<{c.name}@{d}>" for c in concepts for d in draws])
         for concept in concepts:
-            pooled = [evaluate.score_phrase(torch_gen, concept, f"<{concept.name}@{d}>", samples=args.samples,
-                                            seed=args.seed) for d in draws]
-            scores[concept.name, "tix-1v (diffusers)"] = sum(pooled[1:], start=pooled[0])
+            scores[concept.name, "tix-1v (diffusers)"] = pooled_score(
+                torch_gen, concept, [f"<{concept.name}@{d}>" for d in draws], args.samples, args.seed)
         methods.append("tix-1v (diffusers)")
 
     summary = summarise(scores, concepts, methods)

@@ -73,7 +73,7 @@ def test_evaluation_credits_images_that_show_what_each_prompt_asks_and_only_thos
     other = world.render_many([world.sample_scene(rng, shape="circle", colour="green") for _ in items])
     assert evaluate.tally(other, [e for _, e, _ in items], [k for _, _, k in items]).reconstruction == 0.0
     # `obeyed`, the paper's editability, credits an edit followed with the concept lost; `editability` does not.
-    asked = [{a: v for a, v in e.items() if a not in concept.fixed} for _, e, _ in items]
+    asked = evaluate.edit_asks(concept, [e for _, e, _ in items])
     lost = world.render_many([world.sample_scene(rng, shape="circle", colour="green", **a) for a in asked])
     score = evaluate.tally(lost, [e for _, e, _ in items], [k for _, _, k in items], asked)
     assert score.obeyed >= 0.9 and score.editability == 0.0, score

@@ -57,10 +57,16 @@ def prompts(concept: world.Concept, phrase: str, samples: int) -> list[tuple[str
     return recon + [(text, concept.expected(overrides), True) for text, overrides in chosen]
 
 
+def edit_asks(concept: world.Concept, expected: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """Per prompt of `prompts`, the attributes its edit alone asks for (empty for reconstruction prompts): an edit
+    only changes attributes the concept leaves free (`world.edit_prompts`)."""
+    return [{a: v for a, v in e.items() if a not in concept.fixed} for e in expected]
+
+
 def tally(images: np.ndarray, expected: Sequence[dict[str, str]], is_edit: Sequence[bool],
           asked: Sequence[dict[str, str]] | None = None) -> Score:
     """Score generated images against what each prompt asked for; `asked`, per image, the attributes its edit
-    alone asks for (for `Score.obeyed`; nan without it)."""
+    alone asks for (`edit_asks`; for `Score.obeyed`, nan without it)."""
     scored = scorer.score(images)
     hits = np.array([scorer.matches(s, e) for s, e in zip(scored, expected, strict=True)])
     edit = np.asarray(is_edit, bool)
@@ -78,9 +84,8 @@ def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: worl
     same for every phrase of a concept."""
     items = prompts(concept, phrase, samples)
     images = generate([p for p, _, _ in items], seed + zlib.crc32(concept.name.encode()) % 100_000)
-    # An edit only asks for attributes the concept leaves free (`world.edit_prompts`).
-    asked = [{a: v for a, v in e.items() if a not in concept.fixed} for _, e, _ in items]
-    return tally(images, [e for _, e, _ in items], [k for _, _, k in items], asked)
+    expected = [e for _, e, _ in items]
+    return tally(images, expected, [k for _, _, k in items], edit_asks(concept, expected))
 
 
 def random_vectors(sd: StableDiffusion, seed: int) -> list[np.ndarray]:
