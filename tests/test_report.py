@@ -1,5 +1,5 @@
 """report.html shows a run without opening a file: training images, each validation column's prompt, per-concept
-loss curves, time and images/s, the eval figures and the resolved config."""
+loss curves, time and images/s, each token's vector norm, the eval figures and the resolved config."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _run_folder(tmp_path, with_eval: bool):
                       validation_prompts=["a photo of {}", "{} on the moon"])
     (run / "config.yaml").write_text(cfg.to_yaml())
     lines = [{"step": s, "time": 1000.0 + 2 * s, "loss": 0.5 / s, "images_per_s": 4.0 + s / 10,
-              "loss/cat": 0.4 / s, "loss/dog": 0.6 / s} for s in range(1, 21)]
+              "loss/cat": 0.4 / s, "loss/dog": 0.6 / s,
+              "norm_vs_words/cat": 2.0 + s / 10} for s in range(1, 21)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     for token in ("cat", "dog"):
         grid(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), 2).save(run / "validation" / "step-000010" /
@@ -47,7 +48,8 @@ def test_report_shows_the_run(tmp_path):
     for text in ("a photo of &lt;cat&gt;", "&lt;dog&gt; on the moon",  # every column's prompt, per concept
                  "20 steps in 38 s", "images/s", "learning rate 0.001 x 4 = 0.004",  # timing, effective lr
                  "0.781", "0.254", "0.625",  # eval figures
-                 "lr: 0.001", "validation_prompts"):  # the resolved config
+                 "lr: 0.001", "validation_prompts",  # the resolved config
+                 "vectors 4.0x the norm of an ordinary word"):  # the last logged norm, not the first
         assert text in page, text
     assert '<div class=changed>lr: 0.001</div>' in page and "<div>batch_size: 4</div>" in page
     sources = [part.split("'")[0].split('"')[0] for part in page.replace('src="', "src='").split("src='")[1:]]

@@ -19,7 +19,8 @@ from tix.embedding_files import read
 from tix.errors import ConfigError, TixError
 from tix.toyworld import world
 from train.config import TrainConfig
-from train.invert import run
+from train.invert import run, summary
+from train.report import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = dict(validate_every=0, save_every=1000, log_every=1, steps=6, batch_size=2)
@@ -73,6 +74,16 @@ def test_loss_falls_and_nothing_frozen_moves(tmp_path, tiny_dirs, images):
     assert np.abs(exported.vectors["text_encoder"][0] - init[cat]).max() > 1e-4
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "report.html", "tokens"):
         assert (tmp_path / "run" / name).exists(), name
+    # The learned vector's size against an ordinary word's: in the result, the summary, the log and the report.
+    rows = np.linalg.norm(init, axis=-1)
+    expected = np.linalg.norm(exported.vectors["text_encoder"][0]) / np.median(rows)
+    np.testing.assert_allclose(result.norms["<thing>"], expected, rtol=1e-5)
+    init_ratio = np.linalg.norm(init[cat]) / np.median(rows)
+    assert abs(result.norms["<thing>"] - init_ratio) > 1e-3  # it moved with the vector
+    assert f"{expected:.1f}x an ordinary word's norm" in summary(result)
+    logged = [r["norm_vs_words/thing"] for r in read_metrics(tmp_path / "run") if "norm_vs_words/thing" in r]
+    assert logged and abs(logged[-1] - expected) < 1e-4
+    assert f"vectors {logged[-1]:.1f}x the norm of an ordinary word" in (tmp_path / "run" / "report.html").read_text()
 
 
 def fixed_draw_loss(sd, cfg, result, draws=8):

@@ -49,6 +49,7 @@ class Result:
     compile_seconds: float
     images_per_second: float
     images_read: list[Path]  # the image files this process decoded (its share of the data)
+    norms: dict[str, float] = dataclasses.field(default_factory=dict)  # token -> norm_vs_words
 
 
 # Everything a run writes in its folder besides config.yaml: what --overwrite clears.
@@ -144,6 +145,19 @@ def init_vectors(sd: StableDiffusion, init: str, n: int) -> list[np.ndarray]:
         table = np.asarray(token_table(sd.params[side.name]), np.float32)
         out.append(np.stack([table[ids[j % len(ids)]] for j in range(n)]))
     return out
+
+
+def word_norms(sd: StableDiffusion) -> tuple[float, ...]:
+    """Per text encoder, the median L2 norm of its token table's rows: the scale of an ordinary word."""
+    return tuple(float(np.median(np.linalg.norm(np.asarray(token_table(sd.params[side.name]), np.float32), axis=-1)))
+                 for side in sd.text)
+
+
+def norm_vs_words(vectors: list[np.ndarray], words: tuple[float, ...]) -> float:
+    """A token's mean vector norm over an ordinary word's, averaged over the text encoders (`vectors`: [n, D] per
+    encoder). Learned vectors far above 1 still draw the concept on the model they were learned on, but weigh more
+    than any word in a prompt they share, and merge badly with other tokens."""
+    return float(np.mean([np.linalg.norm(v, axis=-1).mean() / w for v, w in zip(vectors, words, strict=True)]))
 
 
 def _check_resolution(sd: StableDiffusion, resolution: int) -> None:
@@ -354,7 +368,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     final_loss = math.nan
     rates, files_read = [], []
     requests = StopRequests(mesh)
-    context = _RunContext(cfg, sd, out, resolution, metrics_log, progress and is_main, requests)
+    context = _RunContext(cfg, sd, out, resolution, metrics_log, progress and is_main, requests, word_norms(sd))
     with requests, contextlib.closing(metrics_log):
         for w, wave in enumerate(waves):
             state, tables, files = place_wave(sd, cfg, wave, shapes, resolution, mesh, optimizer)
@@ -395,8 +409,9 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("tix: run exported")
+    norms = {t: norm_vs_words(list(v.values()), context.words) for t, v in learned.items()}
     return Result(out, state, [p.concept.token for p in prepared], learned, cfg.steps, final_loss, compile_seconds,
-                  float(np.mean(rates)) if rates else 0.0, files_read)
+                  float(np.mean(rates)) if rates else 0.0, files_read, norms)
 
 
 def place_frozen(sd: StableDiffusion, mesh: Any) -> Any:
@@ -441,6 +456,7 @@ class _RunContext:
     metrics_log: MetricsLog
     show: bool  # a progress bar
     stop: StopRequests
+    words: tuple[float, ...]  # word_norms(sd)
 
 
 class _Saver:
@@ -470,10 +486,13 @@ class _Saver:
 
 
 class _Progress:
-    """The log hook: loss, per-concept loss and gradient norm and speed to the metrics log and the progress bar."""
+    """The log hook: loss, per-concept loss, gradient norm and vector norm (over an ordinary word's) and speed to the
+    metrics log and the progress bar."""
 
-    def __init__(self, context: _RunContext, saver: _Saver, tokens: list[str], start: int, label: str):
+    def __init__(self, context: _RunContext, saver: _Saver, wave: list[Prepared], start: int, label: str):
         cfg = context.cfg
+        tokens = [p.concept.token for p in wave]
+        self.counts, self.words = [p.concept.vectors for p in wave], context.words
         from tqdm import tqdm
 
         self.bar = tqdm(total=cfg.steps, initial=start, disable=not context.show, desc=label or "invert",
@@ -495,6 +514,9 @@ class _Progress:
                                 parallel.to_host(metrics["grad_norm"]), strict=False):
             values[f"loss/{stem}"] = float(pl)
             values[f"grad_norm/{stem}"] = float(gn)
+        vectors = [np.asarray(v) for v in parallel.to_host(state.vectors)]
+        for k, (stem, n) in enumerate(zip(self.stems, self.counts, strict=True)):
+            values[f"norm_vs_words/{stem}"] = norm_vs_words([v[k, :n] for v in vectors], self.words)
         self.metrics_log.log(step, values)
         self.bar.set_postfix(loss=f"{self.ema:.4f}", img_s=f"{self.rate:.2f}")
         self.bar.update(step - self.bar.n)
@@ -507,7 +529,7 @@ def _train_wave(context: _RunContext, compiled, state: TrainState, frozen, table
     tokens = [p.concept.token for p in wave]
     start = int(parallel.to_host(state.step))
     saver = _Saver(ckpt, tokens, cfg)
-    progress = _Progress(context, saver, tokens, start, label)
+    progress = _Progress(context, saver, wave, start, label)
 
     def validate(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
         _set_token_vectors(context.sd, wave, tuple(parallel.to_host(v) for v in state.vectors))
@@ -547,7 +569,8 @@ def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, learned: dict[str,
 
 def summary(result: Result) -> str:
     lines = [f"learned {len(result.tokens)} token(s) in {result.out}:"]
-    lines += [f"  {t}" for t in result.tokens]
+    lines += [f"  {t}" + (f" (vectors {result.norms[t]:.1f}x an ordinary word's norm)" if t in result.norms else "")
+              for t in result.tokens]
     lines.append(f"  embeddings: {result.out / 'learned_embeds.safetensors'} (diffusers format)")
     lines.append(f"  report:     {result.out / 'report.html'}")
     return "\n".join(lines)

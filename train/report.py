@@ -259,9 +259,13 @@ def write_html(out: fs.PathLike, title: str | None = None, concepts: list[str] |
     grids = {int(p.name.split("-")[1]): {q.name for q in fs.listdir(p)}
              for p in (fs.listdir(val) if fs.is_dir(val) else []) if p.name.startswith("step-")}
     parts.append("<h2>Concepts</h2>")
+    last = {k: v for row in read_metrics(out) for k, v in row.items() if k.startswith("norm_vs_words/")}
     for token, stem in zip(tokens, output_stems(tokens), strict=True):
         folder, style = folders.get(token, (None, bool(config.get("style"))))
         parts.append(f"<h3>{html.escape(token)}</h3>")
+        if f"norm_vs_words/{stem}" in last:
+            parts.append(f"<p class=muted>vectors {last[f'norm_vs_words/{stem}']:.1f}x the norm of an ordinary word "
+                         "at the last logged step</p>")
         thumbs = _thumbnails(out, stem, folder) if folder else []
         if thumbs:
             parts.append(f"<p class=muted>training images ({html.escape(str(folder))})</p><p>" +
