@@ -111,7 +111,7 @@ def test_erased_words_reach_no_prompt_but_their_rows_still_draw(sd):
 def test_scorer_reads_the_shipped_vaes_reconstructions(sd):
     # A generated image is at best the VAE's decoding of a render, which smears dots into short rows: the scorer
     # must read those as what was rendered, or it blames the model for its own VAE (at the old stripe threshold one
-    # reconstructed dotted render in ten read as striped).
+    # reconstructed dotted render in ten read as striped; by direction alone, without the dots' spacing, 2.5%).
     from tix.pipeline import to_uint8
     from tix.toyworld import world
 
@@ -121,4 +121,4 @@ def test_scorer_reads_the_shipped_vaes_reconstructions(sd):
     accuracy = {a: float(np.mean([s[a] == getattr(t, a) for s, t in zip(scored, scenes, strict=True)]))
                 for a in world.ATTRIBUTES}
     print("\nscorer on VAE reconstructions: " + ", ".join(f"{a} {v:.2%}" for a, v in accuracy.items()))
-    assert min(accuracy.values()) >= 0.95, accuracy
+    assert min(accuracy.values()) >= 0.97, accuracy

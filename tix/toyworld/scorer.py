@@ -3,8 +3,8 @@
 No learned weights: the background is the median of the border, the object is what lies far from it, its size is
 its bounding box, its shape the nearest of a few prototype silhouettes (rendered by the world itself, with a fixed
 seed, and normalised by position and spread), its colour a majority vote of its interior pixels over the palette and
-its dark shades, and its pattern the amount and the direction (across rows or both ways) of the dark marks inside
-it. Everything runs batched in numpy: a few thousand 32 px images a second on one core.
+its dark shades, and its pattern the period (the stripes' or the dots') and the direction (across rows or both
+ways) of the dark marks inside it. Everything runs batched in numpy: a few thousand 32 px images a second on one core.
 """
 
 from __future__ import annotations
