@@ -72,3 +72,18 @@ def test_timing_reads_the_metrics():
             {"step": 20, "time": 9.0, "loss": 1.0, "images_per_s": 4.0}]
     assert timing(rows) == {"steps": 20.0, "seconds": 4.0, "images_per_s": 3.0, "last_images_per_s": 4.0}
     assert timing([]) == {}
+
+
+def test_loss_curve_of_many_concepts_lays_out(tmp_path):
+    # 48 concepts (a benchmark's three draws of 16): their legend would not fit, and matplotlib said so.
+    import warnings
+
+    names = [f"purple_dotted_star_tix-3v@{i}" for i in range(48)]
+    rows = [{"step": s, "loss": 0.5 / s, **{f"loss/{n}": (1 + i / 48) / s for i, n in enumerate(names)}}
+            for s in range(1, 41)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = loss_curve(tmp_path)
+    assert not [w for w in caught if "layout" in str(w.message)], [str(w.message) for w in caught]
+    assert Image.open(path).size == (700, 350)

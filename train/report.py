@@ -89,6 +89,11 @@ def _smooth(values: np.ndarray) -> tuple[np.ndarray, int]:
     return np.convolve(values, np.ones(k) / k, mode="valid"), k
 
 
+# Past this many concepts a legend no longer fits beside the plot (matplotlib could not lay out 48 names in 7
+# columns) nor tells 16 colours apart; each concept's own curve is then in metrics.jsonl.
+MAX_LEGEND = 16
+
+
 def loss_curve(out: fs.PathLike) -> fs.Path | None:
     """loss.png: the run's loss and, when it trained several concepts, each concept's (smoothed) curve."""
     rows = [r for r in read_metrics(out) if "loss" in r]
@@ -113,10 +118,12 @@ def loss_curve(out: fs.PathLike) -> fs.Path | None:
             have = [(r["step"], r[f"loss/{name}"]) for r in rows if f"loss/{name}" in r]
             smooth, k = _smooth(np.array([v for _, v in have]))
             ax.plot(np.array([s for s, _ in have])[k - 1:], smooth, label=name, linewidth=1)
-        ax.set_title(f"per-concept loss, mean of {max(2, len(rows) // 20)} logged steps", fontsize=9)
+        ax.set_title(f"per-concept loss of {len(concepts)} concepts, mean of {max(2, len(rows) // 20)} logged steps",
+                     fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
-    ax.legend(fontsize=7, ncol=1 + len(concepts) // 8, loc="upper right")
+    if len(concepts) <= MAX_LEGEND:
+        ax.legend(fontsize=7, ncol=1 + len(concepts) // 8, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
