@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="how many of world.benchmark_concepts() (at most 10; the first 8 are 4 named, 4 unnamed)")
     p.add_argument("--images", type=int, default=5, help="training images per concept")
     # 600: at 300 one draw in three to six of the blue dotted circle settled on dotted circles of either colour, and
-    # three draws of the named concepts reached 0.84 / 0.82 against the caption's 0.92 / 0.91; at 600, 0.92 / 0.90.
+    # three draws of the named concepts reached 0.84 / 0.82 against the caption's 0.92 / 0.91; at 600, 0.92 / 0.90
+    # (read by the scorer before it read the pattern's period; with it, 600 steps: 0.94 / 0.91).
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=4, help="images per concept per step")
     # 2e-2 x batch 4: at the earlier default, 5e-3, one vector learned unnamed concepts at 0.70 and its 4x at 0.95.
