@@ -245,7 +245,8 @@ def write_html(out: fs.PathLike, title: str | None = None, concepts: list[str] |
     title = title or f"tix invert: {', '.join(tokens)}"
     parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>", _STYLE,
              f"<h1>{html.escape(title)}</h1>"]
-    facts = timing(read_metrics(out))
+    metrics = read_metrics(out)  # one read: on an object store each is a request
+    facts = timing(metrics)
     if facts:
         line = f"{int(facts['steps'])} steps in {facts['seconds']:.0f} s (first to last logged step)"
         if "images_per_s" in facts:
@@ -266,7 +267,7 @@ def write_html(out: fs.PathLike, title: str | None = None, concepts: list[str] |
     grids = {int(p.name.split("-")[1]): {q.name for q in fs.listdir(p)}
              for p in (fs.listdir(val) if fs.is_dir(val) else []) if p.name.startswith("step-")}
     parts.append("<h2>Concepts</h2>")
-    last = {k: v for row in read_metrics(out) for k, v in row.items() if k.startswith("norm_vs_words/")}
+    last = {k: v for row in metrics for k, v in row.items() if k.startswith("norm_vs_words/")}
     for token, stem in zip(tokens, output_stems(tokens), strict=True):
         folder, style = folders.get(token, (None, bool(config.get("style"))))
         parts.append(f"<h3>{html.escape(token)}</h3>")
