@@ -23,6 +23,12 @@ the images (`tix.toyworld.evaluate`). Methods, the variants of the paper's Fig. 
 With --repeats R every tix method learns every concept R times side by side in the same runs (the same images,
 independent noise and timestep draws) and its scores pool all R tokens: one draw per concept can move a row by 0.2.
 
+With --shared background size a concept's five training images share one background and one size, the way a
+user's photos share a room (`world.concept_images`): a token can then take the room for part of the concept, and the
+edits that move it elsewhere show how much it did. The table then adds resemblance, the share of reconstruction
+samples showing the concept in that room too (the paper's reconstruction, similarity to the training images, counts
+both).
+
 For concepts with an unnamed value it also reports the cosine between the learned vector (tix-1v) and the erased
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
@@ -80,11 +86,11 @@ def drawn_methods(method: str, repeats: int) -> list[str]:
 
 
 def write_concepts(root: Path, concepts: list[world.Concept], methods: list[str], images: int, seed: int,
-                   repeats: int = 1) -> None:
+                   repeats: int = 1, shared: tuple[str, ...] = ()) -> None:
     """One concept folder per (concept, method, draw): the same renders, with the method's vector count and the
     concept's initializer word in concept.yaml."""
     for c, concept in enumerate(concepts):
-        pixels = world.concept_images(concept, images, seed + c)
+        pixels = world.concept_images(concept, images, seed + c, shared=shared)
         for method, drawn in ((m, d) for m in methods for d in drawn_methods(m, repeats)):
             folder = root / f"{concept.name}@{drawn}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -106,7 +112,7 @@ def invert(model: str, concepts: list[world.Concept], out: Path, args: argparse.
             learned.update(_reused(out / "runs" / run_name / "tokens"))
             continue
         data = out / "data" / run_name
-        write_concepts(data, concepts, methods, args.images, args.seed, args.repeats)
+        write_concepts(data, concepts, methods, args.images, args.seed, args.repeats, tuple(args.shared))
         cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
             "model": model, "concepts": str(data), "out": str(out / "runs" / run_name), "steps": args.steps,
             "batch_size": args.batch, "lr": args.lr, "validate_every": 0, "save_every": args.steps,
@@ -215,9 +221,12 @@ def pool(scores: list[evaluate.Score]) -> evaluate.Score:
     return sum(scores[1:], start=scores[0])
 
 
-def pooled_score(generate, concept: world.Concept, phrases: list[str], samples: int, seed: int) -> evaluate.Score:
-    """The score of all `phrases` (one method's draws) for `concept`, their samples pooled."""
-    return pool([evaluate.score_phrase(generate, concept, p, samples=samples, seed=seed) for p in phrases])
+def pooled_score(generate, concept: world.Concept, phrases: list[str], samples: int, seed: int,
+                 context: dict[str, str]) -> evaluate.Score:
+    """The score of all `phrases` (one method's draws) for `concept`, their samples pooled; `context`: what its
+    training images shared (`world.shared_context`)."""
+    return pool([evaluate.score_phrase(generate, concept, p, samples=samples, seed=seed, context=context)
+                 for p in phrases])
 
 
 def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
@@ -234,43 +243,60 @@ def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[worl
     return out
 
 
-def table(summary: dict[str, dict[str, evaluate.Score]]) -> str:
+# Column name -> Score field; resemblance only where the training images shared a context (else = reconstruction).
+KINDS = {"reconstruction": "reconstruction", "resemblance": "resemblance", "editability": "editability",
+         "edit obeyed": "obeyed"}
+
+
+def table(summary: dict[str, dict[str, evaluate.Score]], shared: bool = False) -> str:
     groups = ("named", "unnamed", "all")
-    kinds = ("reconstruction", "editability", "edit obeyed")
+    kinds = [k for k in KINDS if shared or k != "resemblance"]
     lines = ["| method | " + " | ".join(f"{g}: {k}" for g in groups for k in kinds) + " |",
              "|---|" + "---|" * (len(groups) * len(kinds))]
     for method, by_group in summary.items():
         cells = []
         for group in groups:
             s = by_group.get(group)
-            cells += [f"{s.reconstruction:.2f}", f"{s.editability:.2f}", f"{s.obeyed:.2f}"] if s else ["-"] * 3
+            cells += [f"{getattr(s, KINDS[k]):.2f}" for k in kinds] if s else ["-"] * len(kinds)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def scatter(summary: dict[str, dict[str, evaluate.Score]], path: Path) -> None:
+# Scatter axes (Score field, label): the world's own, and with a shared context the paper's (likeness to the
+# training images, prompt followed).
+AXES = {False: (("reconstruction", "reconstruction (share of samples showing the concept)"),
+                ("editability", "editability (share of edits kept and obeyed)")),
+        True: (("resemblance", "resemblance (concept in the training images' context)"),
+               ("obeyed", "edits obeyed (concept kept or not)"))}
+
+
+def scatter(summary: dict[str, dict[str, evaluate.Score]], path: Path, shared: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    (x, xlabel), (y, ylabel) = AXES[shared]
+    # Edits are obeyed by nearly every phrase; a full-height axis would stack them all on its top edge.
+    lowest = min(getattr(s, y) for groups in summary.values() for s in groups.values())
+    bottom = max(0.0, lowest - 0.05) if shared else -0.03
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110, sharex=True, sharey=True)
     for ax, group in zip(axes, ("named", "unnamed"), strict=True):
         for i, (method, groups) in enumerate(summary.items()):
             if group not in groups:
                 continue
-            s = groups[group]
+            point = getattr(groups[group], x), getattr(groups[group], y)
             marker = "o" if method.startswith("tix") else "s"
-            ax.scatter(s.reconstruction, s.editability, color=f"C{i}", marker=marker, s=60, label=method)
-            ax.annotate(method, (s.reconstruction, s.editability), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
+            ax.scatter(*point, color=f"C{i}", marker=marker, s=60, label=method)
+            ax.annotate(method, point, textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_title(f"{group} concepts")
-        ax.set_xlabel("reconstruction (share of samples showing the concept)")
+        ax.set_xlabel(xlabel)
         ax.set_xlim(-0.03, 1.03)
-        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylim(bottom, 1.01 if shared else 1.03)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("editability (share of edits kept and obeyed)")
-    fig.suptitle("Textual inversion on the toy world: reconstruction against editability")
+    axes[0].set_ylabel(ylabel)
+    context = ", training images in one context" if shared else ""
+    fig.suptitle(f"Textual inversion on the toy world: {x} against {y}{context}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -296,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     # within about 1 and they drew neither the concept nor the edits (0.06-0.23 on every axis).
     p.add_argument("--init-reg", type=float, default=1e-4, help="init_reg of the regularised run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared", nargs="*", default=[], choices=["background", "size", "colour", "pattern"],
+                   help="free attributes a concept's training images share (world.concept_images)")
     p.add_argument("--reuse", action="store_true", help="take the vectors of runs already in --out; sample only")
     p.add_argument("--torch", action="store_true", help="also score tix-1v exported and loaded in PyTorch diffusers")
     p.add_argument("--methods", nargs="+", default=list(TIX_METHODS), choices=list(TIX_METHODS),
@@ -317,12 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         return sd.generate(prompts, seed=seed, **SAMPLING)
 
     scores = {}
+    contexts = {c.name: world.shared_context(c, args.seed + i, args.shared) for i, c in enumerate(concepts)}
     t1 = time.perf_counter()
     for concept in concepts:
         for method in methods:
             draws = drawn_methods(method, args.repeats) if method in TIX_METHODS else [method]
             scores[concept.name, method] = pooled_score(generate, concept, [said[concept.name, d] for d in draws],
-                                                        args.samples, args.seed)
+                                                        args.samples, args.seed, contexts[concept.name])
         print(f"{concept.name}: " + "  ".join(
             f"{m} {scores[concept.name, m].reconstruction:.2f}/{scores[concept.name, m].editability:.2f}"
             f"/{scores[concept.name, m].obeyed:.2f}"
@@ -337,16 +366,18 @@ def main(argv: list[str] | None = None) -> None:
                                    [f"<{c.name}@{d}>" for c in concepts for d in draws])
         for concept in concepts:
             scores[concept.name, "tix-1v (diffusers)"] = pooled_score(
-                torch_gen, concept, [f"<{concept.name}@{d}>" for d in draws], args.samples, args.seed)
+                torch_gen, concept, [f"<{concept.name}@{d}>" for d in draws], args.samples, args.seed,
+                contexts[concept.name])
         methods.append("tix-1v (diffusers)")
 
     summary = summarise(scores, concepts, methods)
-    md = table(summary)
+    md = table(summary, bool(args.shared))
     (args.out / "table.md").write_text(md + "\n")
-    scatter(summary, args.out / "scatter.png")
+    scatter(summary, args.out / "scatter.png", bool(args.shared))
     (args.out / "results.json").write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()},
-        "concepts": {c.name: {"fixed": c.fixed, "unnamed": list(c.unnamed)} for c in concepts},
+        "concepts": {c.name: {"fixed": c.fixed, "unnamed": list(c.unnamed), "shared": contexts[c.name]}
+                     for c in concepts},
         "per_concept": {f"{n}|{m}": vars(s) for (n, m), s in scores.items()},
         "erased_cosine": cosines,
         "summary": {m: {g: vars(s) for g, s in groups.items()} for m, groups in summary.items()},

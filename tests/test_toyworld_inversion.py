@@ -77,3 +77,13 @@ def test_evaluation_credits_images_that_show_what_each_prompt_asks_and_only_thos
     lost = world.render_many([world.sample_scene(rng, shape="circle", colour="green", **a) for a in asked])
     score = evaluate.tally(lost, [e for _, e, _ in items], [k for _, _, k in items], asked)
     assert score.obeyed >= 0.9 and score.editability == 0.0, score
+    # `resemblance`, the paper's reconstruction, also asks for the context the training images shared: the concept
+    # on any other background counts for `reconstruction` only.
+    expected = [e for _, e, _ in items]
+    recon = [not k for _, _, k in items]
+    gray = world.render_many([world.sample_scene(rng, **concept.fixed, background="gray") for _ in items])
+    blue = world.render_many([world.sample_scene(rng, **concept.fixed, background="blue") for _ in items])
+    for images, alike in ((gray, 1.0), (blue, 0.0)):
+        score = evaluate.tally(images, expected, [not r for r in recon], context={"background": "gray"})
+        assert score.reconstruction >= 0.9 and abs(score.resemblance - alike * score.reconstruction) < 1e-9, score
+    assert evaluate.tally(blue, expected, [not r for r in recon]).resemblance == score.reconstruction

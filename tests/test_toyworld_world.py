@@ -218,6 +218,23 @@ def test_concept_images_keep_fixed_attributes():
             assert len({s["size"] for s in scored}) == 2
 
 
+def test_concept_images_share_what_they_are_told_to():
+    concept = world.benchmark_concepts()[0]  # fixes shape, colour and pattern; size is free
+    contexts = set()
+    for seed in range(4):
+        scored = scorer.score(world.concept_images(concept, 12, seed, shared=("background", "size")))
+        assert all(scorer.matches(s, concept.expected()) for s in scored)
+        assert len({s["background"] for s in scored}) == 1 and len({s["size"] for s in scored}) == 1
+        contexts.add((scored[0]["background"], scored[0]["size"]))
+    assert len(contexts) >= 2  # the seed draws the shared context
+    # Sharing leaves the default's images alone, and a fixed attribute wins over a shared one.
+    np.testing.assert_array_equal(world.concept_images(concept, 3, 7), world.concept_images(concept, 3, 7, shared=()))
+    scored = scorer.score(world.concept_images(concept, 6, 7, shared=("colour",)))
+    assert {s["colour"] for s in scored} == {"red"}
+    with pytest.raises(ValueError, match="attribute 'room'"):
+        world.concept_images(concept, 3, 7, shared=("room",))
+
+
 def test_edit_prompts():
     token = "<toy-0>"
     for concept in world.benchmark_concepts():

@@ -6,7 +6,11 @@ two axes (Gal et al. 2022, Fig. 10) measured by attributes instead of CLIP simil
   samples keep the concept and obey the edit;
 - obeyed: the share of those edited samples that obey the edit, kept concept or not. This is the paper's own
   editability (CLIP similarity of each image to its prompt with the pseudo-word left out), which rewards a prompt
-  followed even where the concept is lost; `editability` asks for both.
+  followed even where the concept is lost; `editability` asks for both;
+- resemblance: the share of reconstruction samples that look like the training images in everything those share:
+  the concept and, where the images were taken in one context (`world.concept_images(shared=...)`), that context
+  too. The paper's reconstruction (CLIP similarity to the training images) rewards both; without a shared context
+  it equals `reconstruction`.
 
 A phrase is whatever a method writes for the concept: a learned token, the best caption the world's words allow,
 the initializer word, or a random vector's token. Every phrase of a concept is sampled with the same prompts and the
@@ -34,6 +38,7 @@ class Score:
     editability: float
     samples: int  # of each kind
     obeyed: float = float("nan")
+    resemblance: float = float("nan")
 
     def __add__(self, other: Score) -> Score:
         """The pooled score of two sets of samples."""
@@ -43,7 +48,7 @@ class Score:
             return (a * self.samples + b * other.samples) / n
 
         return Score(pool(self.reconstruction, other.reconstruction), pool(self.editability, other.editability), n,
-                     pool(self.obeyed, other.obeyed))
+                     pool(self.obeyed, other.obeyed), pool(self.resemblance, other.resemblance))
 
 
 def prompts(concept: world.Concept, phrase: str, samples: int) -> list[tuple[str, dict[str, str], bool]]:
@@ -64,9 +69,10 @@ def edit_asks(concept: world.Concept, expected: Sequence[dict[str, str]]) -> lis
 
 
 def tally(images: np.ndarray, expected: Sequence[dict[str, str]], is_edit: Sequence[bool],
-          asked: Sequence[dict[str, str]] | None = None) -> Score:
+          asked: Sequence[dict[str, str]] | None = None, context: dict[str, str] | None = None) -> Score:
     """Score generated images against what each prompt asked for; `asked`, per image, the attributes its edit
-    alone asks for (`edit_asks`; for `Score.obeyed`, nan without it)."""
+    alone asks for (`edit_asks`; for `Score.obeyed`, nan without it); `context`, what the training images share
+    beyond the concept (`world.shared_context`; for `Score.resemblance`)."""
     scored = scorer.score(images)
     hits = np.array([scorer.matches(s, e) for s, e in zip(scored, expected, strict=True)])
     edit = np.asarray(is_edit, bool)
@@ -74,18 +80,21 @@ def tally(images: np.ndarray, expected: Sequence[dict[str, str]], is_edit: Seque
     if asked is not None:
         follows = np.array([scorer.matches(s, a) for s, a in zip(scored, asked, strict=True)])
         obeyed = float(follows[edit].mean())
-    return Score(float(hits[~edit].mean()), float(hits[edit].mean()), int((~edit).sum()), obeyed)
+    alike = np.array([scorer.matches(s, {**e, **(context or {})}) for s, e in zip(scored, expected, strict=True)])
+    return Score(float(hits[~edit].mean()), float(hits[edit].mean()), int((~edit).sum()), obeyed,
+                 float(alike[~edit].mean()))
 
 
 def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: world.Concept, phrase: str, *,
-                 samples: int = 16, seed: int = 0) -> Score:
+                 samples: int = 16, seed: int = 0, context: dict[str, str] | None = None) -> Score:
     """Reconstruction and editability of `phrase` for `concept`. `generate(prompts, seed)` returns uint8 images, one
     per prompt (tix's `StableDiffusion.generate`, or a diffusers pipeline for exported tokens); the seed is the
-    same for every phrase of a concept."""
+    same for every phrase of a concept. `context`: what the concept's training images shared besides it
+    (`world.shared_context`), for `Score.resemblance`."""
     items = prompts(concept, phrase, samples)
     images = generate([p for p, _, _ in items], seed + zlib.crc32(concept.name.encode()) % 100_000)
     expected = [e for _, e, _ in items]
-    return tally(images, expected, [k for _, _, k in items], edit_asks(concept, expected))
+    return tally(images, expected, [k for _, _, k in items], edit_asks(concept, expected), context)
 
 
 def random_vectors(sd: StableDiffusion, seed: int) -> list[np.ndarray]:

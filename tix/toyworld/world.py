@@ -346,10 +346,27 @@ class Concept:
         return {**self.fixed, **(overrides or {})}
 
 
-def concept_images(concept: Concept, n: int, seed: int, size: int = 32) -> np.ndarray:
-    """`n` renders of the concept, varying background, position and every attribute it does not fix."""
+def shared_context(concept: Concept, seed: int, shared: Sequence[str]) -> dict[str, str]:
+    """The values of the `shared` attributes that every render of `concept_images(concept, n, seed, shared=shared)`
+    shows, the concept's own fixed values left out (they win)."""
+    for attribute in shared:
+        if attribute not in VALUES:
+            raise ValueError(f"unknown toy-world attribute {attribute!r}; attributes are {ATTRIBUTES}")
+    if not shared:
+        return {}
+    context = sample_scene(np.random.default_rng([seed, 1]), **concept.fixed).attributes()
+    return {a: context[a] for a in shared if a not in concept.fixed}
+
+
+def concept_images(concept: Concept, n: int, seed: int, size: int = 32, *,
+                   shared: Sequence[str] = ()) -> np.ndarray:
+    """`n` renders of the concept, varying background, position and every attribute it does not fix, except the
+    `shared` ones: those are drawn once and all `n` renders show the same value (`shared_context`), the way a
+    user's photos of their cat share a room. A token can learn a shared value as if it belonged to the concept,
+    which edits then fight."""
     rng = np.random.default_rng(seed)
-    return render_many([sample_scene(rng, **concept.fixed) for _ in range(n)], size)
+    common = shared_context(concept, seed, shared)
+    return render_many([sample_scene(rng, **common, **concept.fixed) for _ in range(n)], size)
 
 
 def benchmark_concepts() -> list[Concept]:
