@@ -96,13 +96,19 @@ def test_eval_refuses_bad_input(tiny_dirs, tmp_path, capsys):
 
 
 def test_toy_concept_is_what_every_training_image_shares():
-    from tix.evaluation import toy_concept
+    from tix.evaluation import shared_attributes, toy_concept
     from tix.toyworld import world
 
     for concept in world.benchmark_concepts()[:6]:
         images = world.concept_images(concept, 8, seed=3)
         found = toy_concept(concept.name, list(images))
         assert found.fixed == concept.fixed, concept.name
+    # What the images share beyond the concept is context, read apart from it (the background never fixes it).
+    concept = world.benchmark_concepts()[0]
+    images = world.concept_images(concept, 6, seed=3, shared=("background",))
+    context = world.shared_context(concept, 3, ("background",))
+    assert toy_concept(concept.name, list(images)).fixed == concept.fixed
+    assert shared_attributes(list(images)) == {**concept.fixed, **context}
 
 
 def test_toy_scores_rank_a_describing_token_above_a_random_one(tmp_path):
@@ -126,4 +132,6 @@ def test_toy_scores_rank_a_describing_token_above_a_random_one(tmp_path):
     assert images[0, TOY_RECONSTRUCTION].shape[0] == images[1, TOY_EDITS].shape[0] == 8
     words_score, random_score = (r["toyworld"] for r in results)
     assert words_score["attributes"] == concept.fixed
+    # The references were drawn on varied backgrounds: nothing to resemble beyond the concept.
+    assert words_score["shared_context"] == {} and words_score["resemblance"] == words_score["reconstruction"]
     assert words_score["reconstruction"] > random_score["reconstruction"]

@@ -128,18 +128,26 @@ def clip_scores(clip: CLIP, subject: Subject, images: dict[str, np.ndarray]) -> 
     return out
 
 
+def shared_attributes(references: Sequence[np.ndarray]) -> dict[str, str]:
+    """Every attribute on which the toy-world scorer reads the same value in all the training images."""
+    from tix.toyworld import scorer, world
+
+    read = scorer.score(np.stack(references))
+    shared = {}
+    for attribute in world.ATTRIBUTES:
+        values = {r[attribute] for r in read}
+        if len(values) == 1 and None not in values:
+            shared[attribute] = values.pop()
+    return shared
+
+
 def toy_concept(name: str, references: Sequence[np.ndarray]) -> world.Concept:
     """The toy-world concept a set of training images shows: every attribute (but the background, which edits
     change) on which the scorer reads the same value in all of them."""
     from tix.errors import TixError
-    from tix.toyworld import scorer, world
+    from tix.toyworld import world
 
-    read = scorer.score(np.stack(references))
-    fixed = {}
-    for attribute in ("shape", "colour", "pattern", "size"):
-        values = {r[attribute] for r in read}
-        if len(values) == 1 and None not in values:
-            fixed[attribute] = values.pop()
+    fixed = {a: v for a, v in shared_attributes(references).items() if a != "background"}
     if not fixed:
         raise TixError(f"{name}: the toy-world scorer finds no attribute all its training images share, so it "
                        "cannot say what a sample of the concept must show")
@@ -158,6 +166,8 @@ def toy_scores(sd: StableDiffusion, subject: Subject, protocol: Protocol,
     from tix.toyworld import evaluate
 
     concept = toy_concept(subject.concept, subject.references)
+    # Images taken against one background: resemblance asks for it too, as image similarity would.
+    context = {a: v for a, v in shared_attributes(subject.references).items() if a == "background"}
 
     drawn = []
 
@@ -173,9 +183,11 @@ def toy_scores(sd: StableDiffusion, subject: Subject, protocol: Protocol,
         drawn.append(np.concatenate(parts))
         return drawn[-1]
 
-    score = evaluate.score_phrase(generate, concept, subject.phrase, samples=protocol.samples, seed=protocol.seed)
-    return {"reconstruction": score.reconstruction, "editability": score.editability, "edit_obeyed": score.obeyed,
-            "samples": score.samples, "attributes": concept.fixed}, drawn[0]
+    score = evaluate.score_phrase(generate, concept, subject.phrase, samples=protocol.samples, seed=protocol.seed,
+                                  context=context)
+    return {"reconstruction": score.reconstruction, "resemblance": score.resemblance,
+            "editability": score.editability, "edit_obeyed": score.obeyed, "samples": score.samples,
+            "attributes": concept.fixed, "shared_context": context}, drawn[0]
 
 
 def evaluate_subjects(sd: StableDiffusion, subjects: Sequence[Subject], protocol: Protocol, *,

@@ -148,6 +148,7 @@ def eval_table(results: list[dict]) -> str:
     columns = [("image similarity", lambda r: r.get("image_similarity")),
                ("text similarity", lambda r: r.get("text_similarity")),
                ("toy reconstruction", lambda r: r.get("toyworld", {}).get("reconstruction")),
+               ("toy resemblance", lambda r: r.get("toyworld", {}).get("resemblance")),
                ("toy editability", lambda r: r.get("toyworld", {}).get("editability")),
                ("toy edit obeyed", lambda r: r.get("toyworld", {}).get("edit_obeyed"))]
     columns = [(name, get) for name, get in columns if any(get(r) is not None for r in results)]
