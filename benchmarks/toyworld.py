@@ -280,15 +280,16 @@ def scatter(summary: dict[str, dict[str, evaluate.Score]], path: Path, shared: b
     # Edits are obeyed by nearly every phrase; a full-height axis would stack them all on its top edge.
     lowest = min(getattr(s, y) for groups in summary.values() for s in groups.values())
     bottom = max(0.0, lowest - 0.05) if shared else -0.03
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110, sharex=True, sharey=True)
+    # One colour per method and a legend: the captions, init word and random vector sit on one spot and the tix
+    # methods crowd the top right, where labels beside the points print over each other.
+    colours = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), dpi=110, sharex=True, sharey=True)
     for ax, group in zip(axes, ("named", "unnamed"), strict=True):
         for i, (method, groups) in enumerate(summary.items()):
-            if group not in groups:
-                continue
-            point = getattr(groups[group], x), getattr(groups[group], y)
-            marker = "o" if method.startswith("tix") else "s"
-            ax.scatter(*point, color=f"C{i}", marker=marker, s=60, label=method)
-            ax.annotate(method, point, textcoords="offset points", xytext=(5, 4), fontsize=8)
+            if group in groups:
+                marker = "o" if method.startswith("tix") else "s"
+                ax.scatter(getattr(groups[group], x), getattr(groups[group], y), color=colours(i), marker=marker,
+                           s=60, alpha=0.85, edgecolors="black", linewidths=0.4, label=method)
         ax.set_title(f"{group} concepts")
         ax.set_xlabel(xlabel)
         ax.set_xlim(-0.03, 1.03)
@@ -297,7 +298,9 @@ def scatter(summary: dict[str, dict[str, evaluate.Score]], path: Path, shared: b
     axes[0].set_ylabel(ylabel)
     context = ", training images in one context" if shared else ""
     fig.suptitle(f"Textual inversion on the toy world: {x} against {y}{context}")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
