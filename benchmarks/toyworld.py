@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tix  # noqa: E402
+from tix import host_memory  # noqa: E402
 from tix.toyworld import evaluate, world  # noqa: E402
 
 # name -> (vectors, run): variants that share a run are trained together in one batched step.
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the tix methods to run (the captions, init word and random vector are always scored)")
     p.add_argument("--repeats", type=int, default=1, help="independent draws of every tix token, scores pooled")
     args = p.parse_args(argv)
+    host_memory.keep_freed_memory()
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     concepts = world.benchmark_concepts()[: args.concepts]

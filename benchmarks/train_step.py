@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.load_and_generate import CLIP_L, SD15_SCHEDULER, SD15_UNET, SD15_VAE, WORDS  # noqa: E402
+from tix import host_memory  # noqa: E402
 
 SDXL_UNET = dict(
     addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
@@ -182,6 +183,7 @@ def main() -> None:
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also time sd.generate for N prompts at the model's size, 25 DPM++ steps, guidance 7.5")
     args = p.parse_args()
+    host_memory.keep_freed_memory()  # as the tix command does
     for shape in args.model:
         for dtype in args.dtype:
             # Weights stored in the compute dtype; the learned vectors and the loss stay float32 in the step.

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tix import host_memory  # noqa: E402
 from tix.schedule import NoiseSchedule  # noqa: E402
 from tix.tokenizer import load_tokenizer, write_clip_tokenizer  # noqa: E402
 from tix.toyworld import model as M  # noqa: E402
@@ -252,6 +253,7 @@ def evaluate(folder: Path, n: int, *, steps: int = 25, guidance: float = 5.0, se
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    host_memory.keep_freed_memory()
     work = args.work or Path(f"/tmp/tix-toyworld-{args.seed}")
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

@@ -10,6 +10,10 @@ os.environ["XLA_FLAGS"] = " ".join(
 import pytest  # noqa: E402
 
 from tests import tiny  # noqa: E402
+from tix import host_memory  # noqa: E402
+
+# The test session owns its process, as the tix command does: freed memory is reused rather than faulted in again.
+host_memory.keep_freed_memory()
 
 
 @pytest.fixture(scope="session", autouse=True)

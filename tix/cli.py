@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tix import host_memory
 from tix.errors import TixError
 
 log = logging.getLogger("tix.cli")
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("tix").setLevel(logging.INFO)  # tix's own progress; orbax/absl chatter stays at WARNING
     args = parser().parse_args(argv)
+    host_memory.keep_freed_memory()  # this process trains or samples until done: reuse freed memory, see the module
     try:
         args.fn(args)
     except TixError as err:
