@@ -32,8 +32,8 @@ both).
 For concepts with an unnamed value it also reports the cosine between the learned vector (tix-1v) and the erased
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
-Writes results.json, table.md (with edits obeyed) and scatter.png (reconstruction vs editability, named and unnamed
-concepts apart) to --out and prints the table.
+Writes results.json, table.md (with edits obeyed), edits.md (each edit's share obeyed, per concept and method) and
+scatter.png (reconstruction vs editability, named and unnamed concepts apart) to --out and prints the table.
 """
 
 from __future__ import annotations
@@ -263,6 +263,27 @@ def table(summary: dict[str, dict[str, evaluate.Score]], shared: bool = False) -
     return "\n".join(lines)
 
 
+def edit_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept], methods: list[str],
+               contexts: dict[str, dict[str, str]]) -> str:
+    """Every edit of every concept with the share of its samples each method obeyed: which edits a method breaks.
+    An edit that asks for what the concept's training images shared (their background or size) is marked: a token
+    that learned the context obeys it without moving the concept anywhere."""
+    lines = ["| concept | edit | asks for the images' context | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for concept in concepts:
+        overrides = dict(world.edit_prompts(concept, "{}"))
+        context = contexts[concept.name]
+        for edit in dict.fromkeys(e for m in methods for e in scores[concept.name, m].by_edit):
+            repeats = any(context.get(a) == v for a, v in overrides[edit].items())
+            cells = []
+            for method in methods:
+                hits, count = scores[concept.name, method].by_edit.get(edit, (0, 0))
+                cells.append(f"{hits / count:.2f}" if count else "-")
+            lines.append(f"| {concept.name} | {edit.replace('{}', '*')} | {'yes' if repeats else ''} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # Scatter axes (Score field, label): the world's own, and with a shared context the paper's (likeness to the
 # training images, prompt followed).
 AXES = {False: (("reconstruction", "reconstruction (share of samples showing the concept)"),
@@ -378,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(scores, concepts, methods)
     md = table(summary, bool(args.shared))
     (args.out / "table.md").write_text(md + "\n")
+    (args.out / "edits.md").write_text(edit_table(scores, concepts, methods, contexts) + "\n")
     scatter(summary, args.out / "scatter.png", bool(args.shared))
     (args.out / "results.json").write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -392,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     for key, c in cosines.items():
         print(f"cosine to the erased row {key}: learned {c['learned']:.3f}, init word {c['init']:.3f}")
-    print(f"\nwrote {args.out}/table.md, scatter.png, results.json; total {time.perf_counter() - t0:.0f} s")
+    print(f"\nwrote {args.out}/table.md, edits.md, scatter.png, results.json; total {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

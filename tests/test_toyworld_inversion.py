@@ -87,3 +87,27 @@ def test_evaluation_credits_images_that_show_what_each_prompt_asks_and_only_thos
         score = evaluate.tally(images, expected, [not r for r in recon], context={"background": "gray"})
         assert score.reconstruction >= 0.9 and abs(score.resemblance - alike * score.reconstruction) < 1e-9, score
     assert evaluate.tally(blue, expected, [not r for r in recon]).resemblance == score.reconstruction
+
+
+def test_by_edit_says_which_edit_a_phrase_breaks_and_pools_across_phrases():
+    # Samples that obey every edit but one, whose background they get wrong: that edit, and only it, reads 0.
+    concept = next(c for c in world.benchmark_concepts() if c.name == "red_striped_square")
+    items = evaluate.prompts(concept, "<t>", 12)
+    names = [p for p, _, _ in evaluate.prompts(concept, "{}", 12)]
+    expected = [e for _, e, _ in items]
+    asked = evaluate.edit_asks(concept, expected)
+    broken = next(n for n, a in zip(names, asked, strict=True) if set(a) == {"background"})
+    wrong = next(b for b in world.BACKGROUNDS if b != dict(world.edit_prompts(concept, "{}"))[broken]["background"])
+    rng = np.random.default_rng(1)
+    renders = world.render_many([world.sample_scene(rng, **{**e, "background": wrong} if n == broken else e)
+                                 for n, e in zip(names, expected, strict=True)])
+    score = evaluate.tally(renders, expected, [k for _, _, k in items], asked, edits=names)
+    edits = [n for n, (_, _, k) in zip(names, items, strict=True) if k]
+    assert set(score.by_edit) == set(edits) and sum(c for _, c in score.by_edit.values()) == len(edits)
+    assert score.by_edit[broken] == (0, edits.count(broken)), score.by_edit
+    assert all(hits >= count - 1 for e, (hits, count) in score.by_edit.items() if e != broken), score.by_edit
+    pooled = score + score
+    assert pooled.by_edit == {e: (2 * h, 2 * c) for e, (h, c) in score.by_edit.items()}
+    # Without edit names (or without `asked`) there is no breakdown, and pooling keeps the other side's.
+    bare = evaluate.tally(renders, expected, [k for _, _, k in items], asked)
+    assert bare.by_edit == {} and (bare + score).by_edit == score.by_edit

@@ -187,7 +187,8 @@ def toy_scores(sd: StableDiffusion, subject: Subject, protocol: Protocol,
                                   context=context)
     return {"reconstruction": score.reconstruction, "resemblance": score.resemblance,
             "editability": score.editability, "edit_obeyed": score.obeyed, "samples": score.samples,
-            "attributes": concept.fixed, "shared_context": context}, drawn[0]
+            "attributes": concept.fixed, "shared_context": context,
+            "edits_obeyed": {edit: hits / count for edit, (hits, count) in score.by_edit.items()}}, drawn[0]
 
 
 def evaluate_subjects(sd: StableDiffusion, subjects: Sequence[Subject], protocol: Protocol, *,

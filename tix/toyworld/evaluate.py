@@ -10,7 +10,9 @@ two axes (Gal et al. 2022, Fig. 10) measured by attributes instead of CLIP simil
 - resemblance: the share of reconstruction samples that look like the training images in everything those share:
   the concept and, where the images were taken in one context (`world.concept_images(shared=...)`), that context
   too. The paper's reconstruction (CLIP similarity to the training images) rewards both; without a shared context
-  it equals `reconstruction`.
+  it equals `reconstruction`;
+- by_edit: per edit prompt (the phrase written "{}"), how many of its samples obeyed it and how many there were:
+  which edits a phrase breaks, where the two shares above say only how often.
 
 A phrase is whatever a method writes for the concept: a learned token, the best caption the world's words allow,
 the initializer word, or a random vector's token. Every phrase of a concept is sampled with the same prompts and the
@@ -39,6 +41,7 @@ class Score:
     samples: int  # of each kind
     obeyed: float = float("nan")
     resemblance: float = float("nan")
+    by_edit: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # edit -> (obeyed, samples)
 
     def __add__(self, other: Score) -> Score:
         """The pooled score of two sets of samples."""
@@ -47,8 +50,12 @@ class Score:
         def pool(a: float, b: float) -> float:
             return (a * self.samples + b * other.samples) / n
 
+        edits = dict(self.by_edit)
+        for edit, (hits, count) in other.by_edit.items():
+            before = edits.get(edit, (0, 0))
+            edits[edit] = (before[0] + hits, before[1] + count)
         return Score(pool(self.reconstruction, other.reconstruction), pool(self.editability, other.editability), n,
-                     pool(self.obeyed, other.obeyed), pool(self.resemblance, other.resemblance))
+                     pool(self.obeyed, other.obeyed), pool(self.resemblance, other.resemblance), edits)
 
 
 def prompts(concept: world.Concept, phrase: str, samples: int) -> list[tuple[str, dict[str, str], bool]]:
@@ -69,20 +76,26 @@ def edit_asks(concept: world.Concept, expected: Sequence[dict[str, str]]) -> lis
 
 
 def tally(images: np.ndarray, expected: Sequence[dict[str, str]], is_edit: Sequence[bool],
-          asked: Sequence[dict[str, str]] | None = None, context: dict[str, str] | None = None) -> Score:
+          asked: Sequence[dict[str, str]] | None = None, context: dict[str, str] | None = None,
+          edits: Sequence[str] | None = None) -> Score:
     """Score generated images against what each prompt asked for; `asked`, per image, the attributes its edit
     alone asks for (`edit_asks`; for `Score.obeyed`, nan without it); `context`, what the training images share
-    beyond the concept (`world.shared_context`; for `Score.resemblance`)."""
+    beyond the concept (`world.shared_context`; for `Score.resemblance`); `edits`, per image, a name for its edit
+    prompt (for `Score.by_edit`, with `asked`)."""
     scored = scorer.score(images)
     hits = np.array([scorer.matches(s, e) for s, e in zip(scored, expected, strict=True)])
     edit = np.asarray(is_edit, bool)
-    obeyed = float("nan")
+    obeyed, by_edit = float("nan"), {}
     if asked is not None:
         follows = np.array([scorer.matches(s, a) for s, a in zip(scored, asked, strict=True)])
         obeyed = float(follows[edit].mean())
+        if edits is not None:
+            names = np.asarray(edits, object)
+            by_edit = {str(name): (int(follows[edit & (names == name)].sum()), int((edit & (names == name)).sum()))
+                       for name in dict.fromkeys(names[edit])}
     alike = np.array([scorer.matches(s, {**e, **(context or {})}) for s, e in zip(scored, expected, strict=True)])
     return Score(float(hits[~edit].mean()), float(hits[edit].mean()), int((~edit).sum()), obeyed,
-                 float(alike[~edit].mean()))
+                 float(alike[~edit].mean()), by_edit)
 
 
 def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: world.Concept, phrase: str, *,
@@ -94,7 +107,9 @@ def score_phrase(generate: Callable[[list[str], int], np.ndarray], concept: worl
     items = prompts(concept, phrase, samples)
     images = generate([p for p, _, _ in items], seed + zlib.crc32(concept.name.encode()) % 100_000)
     expected = [e for _, e, _ in items]
-    return tally(images, expected, [k for _, _, k in items], edit_asks(concept, expected), context)
+    # Named with the phrase as "{}", so the same edit of different phrases (methods, draws) pools.
+    edits = [p for p, _, _ in prompts(concept, "{}", samples)]
+    return tally(images, expected, [k for _, _, k in items], edit_asks(concept, expected), context, edits)
 
 
 def random_vectors(sd: StableDiffusion, seed: int) -> list[np.ndarray]:
