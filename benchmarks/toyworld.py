@@ -32,8 +32,9 @@ both).
 For concepts with an unnamed value it also reports the cosine between the learned vector (tix-1v) and the erased
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
-Writes results.json, table.md (with edits obeyed), edits.md (each edit's share obeyed, per concept and method) and
-scatter.png (reconstruction vs editability, named and unnamed concepts apart) to --out and prints the table.
+Writes results.json, table.md (with edits obeyed), edits.md (edits obeyed by kind of edit, then each edit of each
+concept, per method; the samples behind each share in brackets) and scatter.png (reconstruction vs editability,
+named and unnamed concepts apart) to --out and prints the table and the kinds of edit.
 """
 
 from __future__ import annotations
@@ -263,23 +264,47 @@ def table(summary: dict[str, dict[str, evaluate.Score]], shared: bool = False) -
     return "\n".join(lines)
 
 
+# Words that name a value of two attributes: "blue" and "green" are object colours and backgrounds, so an edit
+# asking for a blue background has to bind its colour word to the background and not to the object.
+TWO_ATTRIBUTE_WORDS = frozenset(v for v in world.VALUES["background"] if v in world.VALUES["colour"])
+EDIT_KINDS = ("repeats the images' context", "a word objects also take", "other")
+
+
+def edit_kind(overrides: dict[str, str], context: dict[str, str]) -> str:
+    """What an edit asks, in the classes that separate the methods: the training images' own context (a token that
+    learned it obeys without moving the concept anywhere), a value whose word also names an object colour, or
+    anything else."""
+    if any(context.get(a) == v for a, v in overrides.items()):
+        return EDIT_KINDS[0]
+    if any(v in TWO_ATTRIBUTE_WORDS for v in overrides.values()):
+        return EDIT_KINDS[1]
+    return EDIT_KINDS[2]
+
+
 def edit_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept], methods: list[str],
                contexts: dict[str, dict[str, str]]) -> str:
-    """Every edit of every concept with the share of its samples each method obeyed: which edits a method breaks.
-    An edit that asks for what the concept's training images shared (their background or size) is marked: a token
-    that learned the context obeys it without moving the concept anywhere."""
-    lines = ["| concept | edit | asks for the images' context | " + " | ".join(methods) + " |",
-             "|---|---|---|" + "---|" * len(methods)]
+    """Edits obeyed by kind of edit (`edit_kind`) per method and group of concepts, then every edit of every
+    concept with the share of its samples each method obeyed: which edits a method breaks."""
+    groups = {"named": [c for c in concepts if c.nameable], "unnamed": [c for c in concepts if not c.nameable]}
+    groups["all"] = concepts
+    kinds = {c.name: {e: edit_kind(o, contexts[c.name]) for e, o in world.edit_prompts(c, "{}")} for c in concepts}
+
+    def share(pairs: list[tuple[int, int]]) -> str:
+        hits, count = sum(h for h, _ in pairs), sum(n for _, n in pairs)
+        return f"{hits / count:.2f} ({count})" if count else "-"
+
+    lines = ["| group | edit asks for | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for group, members in groups.items():
+        for kind in EDIT_KINDS:
+            cells = [share([hn for c in members for e, hn in scores[c.name, m].by_edit.items()
+                            if kinds[c.name][e] == kind]) for m in methods]
+            lines.append(f"| {group} | {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "| concept | edit | edit asks for | " + " | ".join(methods) + " |",
+              "|---|---|---|" + "---|" * len(methods)]
     for concept in concepts:
-        overrides = dict(world.edit_prompts(concept, "{}"))
-        context = contexts[concept.name]
         for edit in dict.fromkeys(e for m in methods for e in scores[concept.name, m].by_edit):
-            repeats = any(context.get(a) == v for a, v in overrides[edit].items())
-            cells = []
-            for method in methods:
-                hits, count = scores[concept.name, method].by_edit.get(edit, (0, 0))
-                cells.append(f"{hits / count:.2f}" if count else "-")
-            lines.append(f"| {concept.name} | {edit.replace('{}', '*')} | {'yes' if repeats else ''} | "
+            cells = [share([scores[concept.name, m].by_edit.get(edit, (0, 0))]) for m in methods]
+            lines.append(f"| {concept.name} | {edit.replace('{}', '*')} | {kinds[concept.name][edit]} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -399,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(scores, concepts, methods)
     md = table(summary, bool(args.shared))
     (args.out / "table.md").write_text(md + "\n")
-    (args.out / "edits.md").write_text(edit_table(scores, concepts, methods, contexts) + "\n")
+    edits = edit_table(scores, concepts, methods, contexts)
+    (args.out / "edits.md").write_text(edits + "\n")
     scatter(summary, args.out / "scatter.png", bool(args.shared))
     (args.out / "results.json").write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -412,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
                     "total": time.perf_counter() - t0},
     }, indent=1))
     print(md)
+    print("\n" + edits.split("\n\n")[0])
     for key, c in cosines.items():
         print(f"cosine to the erased row {key}: learned {c['learned']:.3f}, init word {c['init']:.3f}")
     print(f"\nwrote {args.out}/table.md, edits.md, scatter.png, results.json; total {time.perf_counter() - t0:.0f} s")

@@ -132,6 +132,10 @@ def test_toy_scores_rank_a_describing_token_above_a_random_one(tmp_path):
     assert images[0, TOY_RECONSTRUCTION].shape[0] == images[1, TOY_EDITS].shape[0] == 8
     words_score, random_score = (r["toyworld"] for r in results)
     assert words_score["attributes"] == concept.fixed
+    # Each edit's share obeyed, named as the toy world writes its edits, the phrase as "{}".
+    edits = dict(world.edit_prompts(concept, "{}"))
+    assert words_score["edits_obeyed"] and set(words_score["edits_obeyed"]) <= set(edits)
+    assert all(0.0 <= v <= 1.0 for v in words_score["edits_obeyed"].values())
     # The references were drawn on varied backgrounds: nothing to resemble beyond the concept.
     assert words_score["shared_context"] == {} and words_score["resemblance"] == words_score["reconstruction"]
     assert words_score["reconstruction"] > random_score["reconstruction"]
