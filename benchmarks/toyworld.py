@@ -231,10 +231,15 @@ def pooled_score(generate, concept: world.Concept, phrases: list[str], samples: 
                  for p in phrases])
 
 
+def concept_groups(concepts: list[world.Concept]) -> dict[str, list[world.Concept]]:
+    """The groups every table reports apart: named concepts, unnamed ones, and all."""
+    return {"named": [c for c in concepts if c.nameable], "unnamed": [c for c in concepts if not c.nameable],
+            "all": concepts}
+
+
 def summarise(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
               methods: list[str]) -> dict[str, dict[str, evaluate.Score]]:
-    groups = {"named": [c for c in concepts if c.nameable], "unnamed": [c for c in concepts if not c.nameable],
-              "all": concepts}
+    groups = concept_groups(concepts)
     out: dict[str, dict[str, evaluate.Score]] = {}
     for method in methods:
         out[method] = {}
@@ -285,8 +290,7 @@ def edit_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[wor
                contexts: dict[str, dict[str, str]]) -> str:
     """Edits obeyed by kind of edit (`edit_kind`) per method and group of concepts, then every edit of every
     concept with the share of its samples each method obeyed: which edits a method breaks."""
-    groups = {"named": [c for c in concepts if c.nameable], "unnamed": [c for c in concepts if not c.nameable]}
-    groups["all"] = concepts
+    groups = concept_groups(concepts)
     kinds = {c.name: {e: edit_kind(o, contexts[c.name]) for e, o in world.edit_prompts(c, "{}")} for c in concepts}
 
     def share(pairs: list[tuple[int, int]]) -> str:
