@@ -269,8 +269,8 @@ def table(summary: dict[str, dict[str, evaluate.Score]], shared: bool = False) -
     return "\n".join(lines)
 
 
-# Words that name a value of two attributes: "blue" and "green" are object colours and backgrounds, so an edit
-# asking for a blue background has to bind its colour word to the background and not to the object.
+# Background words that also name an object colour ("blue", "green"): an edit asking for a blue background has to
+# bind its colour word to the background and not to the object.
 TWO_ATTRIBUTE_WORDS = frozenset(v for v in world.VALUES["background"] if v in world.VALUES["colour"])
 EDIT_KINDS = ("repeats the images' context", "a word objects also take", "other")
 

@@ -30,12 +30,12 @@ def test_edit_kinds_and_their_pooled_shares():
     assert kind({"background": "blue"}, {}) == "a word objects also take"
 
     # The circle obeys every blue-background edit 1 time in 4 and all else; the heart (unnamed) obeys everything.
-    def score(concept: world.Concept, broken: int) -> evaluate.Score:
+    def score(concept: world.Concept, broken: bool) -> evaluate.Score:
         edits = {e: ((1, 4) if broken and "blue" in e else (4, 4)) for e, _ in world.edit_prompts(concept, "{}")}
         return evaluate.Score(1.0, 1.0, 4, 1.0, 1.0, edits)
 
     blue = [e for e, o in world.edit_prompts(circle, "{}") if o.get("background") == "blue"]
-    scores = {("blue_dotted_circle", "m"): score(circle, 1), ("red_heart", "m"): score(heart, 0)}
+    scores = {("blue_dotted_circle", "m"): score(circle, True), ("red_heart", "m"): score(heart, False)}
     table = bench.edit_table(scores, [circle, heart], ["m"], {"blue_dotted_circle": context, "red_heart": {}})
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[3].strip()
             for line in table.split("\n\n")[0].splitlines()[2:]}
