@@ -84,6 +84,13 @@ def test_compile_only_reports_cost_and_memory_caches_the_step_and_writes_no_run(
     assert any(compiled.iterdir())  # the compiled step persisted for the next run with these shapes
 
 
+def test_a_plan_without_a_flop_count_says_so_instead_of_printing_nan():
+    uncounted = compile_plan.Plan("NVIDIA H200", 1, 4, float("nan"), 6_440_000_000, 112_600_000_000, 71.5, 1)
+    assert "FLOPs not counted here" in uncounted.describe() and "nan" not in uncounted.describe().lower()
+    assert "1380 GFLOP per image" in dataclasses.replace(uncounted, flops_per_image=1.3796e12).describe()
+    assert uncounted.describe().endswith("6.44 GB per device (112.6 GB available): fits")
+
+
 def _never_traced(*args, **kwargs):
     raise AssertionError("the train step was traced: its compiled executable was not loaded from the cache")
 
