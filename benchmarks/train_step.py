@@ -13,6 +13,7 @@ than the real `textual_inversion.py`, 0.105 against 0.074 s per step at the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -76,6 +77,12 @@ def random_sd(shape: str, dtype: str, compute_dtype: str | None = None, abstract
         shapes = jax.eval_shape(lambda: module.init_params(jax.random.key(0), *args, **kwargs))
         if abstract:
             return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, param_dtype), shapes)
+        if jax.default_backend() != "cpu":  # drawn where they live: a billion normals take a CPU core ~20 s
+            leaves, tree = jax.tree.flatten(shapes)
+            keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), len(leaves))
+            draw = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(param_dtype),
+                           static_argnums=1)
+            return jax.tree.unflatten(tree, [draw(k, tuple(a.shape)) for k, a in zip(keys, leaves, strict=True)])
         return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape, np.float32) * 0.02, param_dtype),
                             shapes)
 
@@ -98,12 +105,16 @@ def random_sd(shape: str, dtype: str, compute_dtype: str | None = None, abstract
                            default_size=size, source=f"random {shape}")
 
 
-def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool, lower_only: bool = False) -> dict:
-    """Compile and time tix's train step for one concept of `batch` images at `resolution`."""
+def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool, lower_only: bool = False,
+             compiler_options: dict[str, str | bool | int] | None = None, profile: Path | None = None) -> dict:
+    """Compile and time tix's train step for one concept of `batch` images at `resolution`. `compiler_options`:
+    XLA options for this compile alone (e.g. xla_gpu_enable_triton_gemm=false); `profile`: trace two more steps
+    into this folder and summarise where the device's time went."""
     import dataclasses
     from functools import partial
 
     from tix import parallel
+    from tix.models import platform
     from train import cost
     from train.step import Layout, StepConfig, Tables, TrainState, make_optimizer, train_step
 
@@ -134,10 +145,13 @@ def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool, lower_onl
     cfg = StepConfig(batch, 1, 0.5, None, None, resolution)
     fn = jax.jit(partial(train_step, sd, cfg, opt, layout=Layout(mesh, False)), donate_argnums=(0,))
     t0 = time.perf_counter()
-    lowered = fn.lower(state, frozen, tables)
+    # Counted in the plain attention form: the CPU's blocked form loops over query blocks, and XLA's cost analysis
+    # counts a loop's body once (at SD 1.5 512 px that hid 314 of 1669 GFLOP per image).
+    with platform.compiling_for("tpu") if lower_only else contextlib.nullcontext():
+        lowered = fn.lower(state, frozen, tables)
     if lower_only:
         return {"gflop_per_image": cost.flops(lowered) / (slots * batch) / 1e9, "device": "lowered only"}
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options or None)
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, frozen, tables)  # warm-up
     jax.block_until_ready(m["loss"])
@@ -146,6 +160,16 @@ def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool, lower_onl
         state, m = compiled(state, frozen, tables)
     jax.block_until_ready(m["loss"])
     dt = (time.perf_counter() - t0) / steps
+    if profile is not None:
+        try:
+            jax.profiler.start_trace(str(profile))
+            for _ in range(2):
+                state, m = compiled(state, frozen, tables)
+            jax.block_until_ready(m["loss"])
+            jax.profiler.stop_trace()
+            print(kernel_summary(profile, steps=2), flush=True)
+        except Exception as e:  # a profiler this runtime lacks must not cost the timing above
+            print(f"no profile: {type(e).__name__}: {e}", flush=True)
     images = slots * batch
     flops = cost.flops(lowered)
     per_device = cost.device_bytes(compiled)
@@ -154,6 +178,50 @@ def time_tix(sd, resolution: int, batch: int, steps: int, remat: bool, lower_onl
     return {"images_per_s": images / dt, "step_s": dt, "compile_s": compile_s, "gflop_per_image": flops / images / 1e9,
             "memory_gb_per_device": per_device / 1e9,
             "peak_fraction": (flops / devices / dt / peak) if peak else None, "device": kind, "devices": devices}
+
+
+# Kernel name fragments -> what the kernel does, first match wins (cuDNN, cuBLAS and XLA's own names on GPU).
+KERNEL_KINDS = (("attention", ("fmha", "flash", "cudnn_generated_fort_native_sdpa", "sdpa")),
+                ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "xmma_fprop")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "triton_gemm", "matmul")),
+                ("copy/transpose", ("memcpy", "memset", "transpose", "copy")),
+                ("XLA fusion (elementwise, norms, reductions)", ("fusion", "loop_", "input_", "reduce", "triton")))
+
+
+def kernel_summary(trace_dir: Path, steps: int, top: int = 30) -> str:
+    """Device time per kind of kernel and the `top` kernels, from the newest trace under `trace_dir` (GPU streams
+    only: lines named 'Stream ...', so aggregate lines are not counted twice)."""
+    from jax.profiler import ProfileData
+
+    newest = max(Path(trace_dir).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+    per_kernel: dict[str, list[float]] = {}
+    seen = []
+    for plane in ProfileData.from_file(str(newest)).planes:
+        seen.append(f"{plane.name}: {[line.name for line in plane.lines][:8]}")
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                entry = per_kernel.setdefault(event.name, [0.0, 0])
+                entry[0] += event.duration_ns / 1e6 / steps
+                entry[1] += 1 / steps
+    total = sum(ms for ms, _ in per_kernel.values())
+    if not total:
+        return "no GPU kernels in the trace; its planes and lines:\n  " + "\n  ".join(seen)
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in per_kernel.items():
+        low = name.lower()
+        kind = next((k for k, frags in KERNEL_KINDS if any(f in low for f in frags)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    lines = [f"device time per step, summed over kernels: {total:.1f} ms ({newest.name})"]
+    lines += [f"  {kind:45s} {ms:8.2f} ms  {ms / max(total, 1e-9):6.1%}" for kind, ms in
+              sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append(f"top {top} kernels (ms per step, launches per step):")
+    for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {ms:8.2f} ms {n:6.0f}x  {name[:150]}")
+    return "\n".join(lines)
 
 
 def time_generate(sd, n: int, steps: int = 25) -> dict:
@@ -169,6 +237,22 @@ def time_generate(sd, n: int, steps: int = 25) -> dict:
             "device": jax.devices()[0].device_kind}
 
 
+def _options(variant: str) -> dict[str, str | bool | int]:
+    """'default' -> {}; 'a=true,b=3' -> {'a': True, 'b': 3} (XLA refuses a bool or number given as text)."""
+    if variant == "default":
+        return {}
+    pairs = [item.split("=", 1) for item in variant.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--xla {variant!r}: give 'default' or KEY=VALUE[,KEY=VALUE]")
+
+    def value(text: str) -> str | bool | int:
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return int(text) if text.lstrip("-").isdigit() else text
+
+    return {key: value(text) for key, text in pairs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", nargs="+", default=["tiny"], choices=list(SHAPES))
@@ -180,6 +264,11 @@ def main() -> None:
     p.add_argument("--lower-only", action="store_true",
                    help="only count FLOPs per image on the lowered step (no compile, no timing): run it on CPU for "
                         "backends whose analysis gives none (JAX 0.11 on GPU printed NaN)")
+    p.add_argument("--xla", nargs="+", default=["default"], metavar="VARIANT",
+                   help="compile each step once per variant: 'default', or XLA options as KEY=VALUE[,KEY=VALUE] "
+                        "for that compile alone, e.g. xla_gpu_enable_triton_gemm=false")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="trace two steps of the first variant into DIR and print device time per kind of kernel")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also time sd.generate for N prompts at the model's size, 25 DPM++ steps, guidance 7.5")
     args = p.parse_args()
@@ -192,9 +281,15 @@ def main() -> None:
                 print(json.dumps({"model": shape, "dtype": dtype, **time_generate(sd, args.generate)}), flush=True)
             for res in args.resolution or [sd.default_size]:
                 for batch in args.batch:
-                    row = {"model": shape, "resolution": res, "batch": batch, "dtype": dtype, "remat": args.remat}
-                    row.update(time_tix(sd, res, batch, args.steps, args.remat, args.lower_only))
-                    print(json.dumps(row), flush=True)
+                    for i, variant in enumerate(args.xla):
+                        row = {"model": shape, "resolution": res, "batch": batch, "dtype": dtype,
+                               "remat": args.remat, "xla": variant}
+                        try:
+                            row.update(time_tix(sd, res, batch, args.steps, args.remat, args.lower_only,
+                                                _options(variant), args.profile if i == 0 else None))
+                        except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know: the next
+                            row["error"] = str(e).splitlines()[0]
+                        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
