@@ -1,10 +1,14 @@
 """Many concepts in one run against one run per concept, as wall-clock including start-up and compilation (prints
 figures; not a test).
 
-    python benchmarks/many_concepts.py --concepts 8 --steps 50 [--model DIR]
+    python benchmarks/many_concepts.py --concepts 8 --steps 50 [--model DIR] [--separate K] \
+        [-- more tix invert arguments, e.g. --config configs/sd15.yaml]
 
-Each run is a fresh `tix invert` process, as a user would start it. The default model is the tiny SD1-like test
-pipeline (built once into a temporary folder).
+Each run is a fresh `tix invert` process, as a user would start it, and each way starts with an empty compilation
+cache (the separate runs share theirs, so only the first compiles). The default model is the tiny SD1-like test
+pipeline (built once into a temporary folder). `--separate K` times only the first K separate runs and counts each
+of the rest as the last timed one (K >= 2: a warm run), where N whole runs would not fit the time at hand; 0 times
+the single run alone (its seconds per step and start-up are printed either way).
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _invert(args: list[str]) -> float:
+def _invert(args: list[str], cache: Path) -> float:
+    args = [*args, "--set", f"compile_cache={cache}"]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tix.cli", "invert", *args], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "tix.cli", "invert", *args], cwd=ROOT, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"tix invert {' '.join(args)} failed (status {done.returncode}):\n{done.stdout[-3000:]}")
     return time.perf_counter() - t0
 
 
@@ -35,7 +43,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--model", default=None, help="default: the tiny SD1-like test pipeline")
+    p.add_argument("--images-per-concept", type=int, default=5)
+    p.add_argument("--separate", type=int, default=None, metavar="K",
+                   help="time K of the separate runs (default: all), count the rest as the last timed one")
+    p.add_argument("tix_args", nargs=argparse.REMAINDER, help="-- then more `tix invert` arguments")
     args = p.parse_args()
+    extra = [a for a in args.tix_args if a != "--"]
 
     from PIL import Image
 
@@ -52,19 +65,28 @@ def main() -> None:
     for i in range(args.concepts):
         folder = root / f"c{i:02d}"
         folder.mkdir(parents=True)
-        for j, image in enumerate(world.concept_images(concepts[i % len(concepts)], 5, seed=i)):
+        for j, image in enumerate(world.concept_images(concepts[i % len(concepts)], args.images_per_concept, seed=i)):
             Image.fromarray(image).save(folder / f"{j}.png")
     common = ["--model", model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--validate-every", "0", "--save-every", str(args.steps), "--init", "object"]
+              "--validate-every", "0", "--save-every", str(args.steps), "--init", "object", *extra]
+    started = time.time()
     together = _invert(["--concepts", str(root), "--out", str(work / "together"), *common,
-                        "--set", f"concepts_per_step={args.concepts}"])
-    separate = sum(
-        _invert(["--images", str(root / f"c{i:02d}"), "--token", f"<c{i:02d}>", "--out", str(work / f"alone{i}"),
-                 *common])
-        for i in range(args.concepts)
-    )
-    print(json.dumps({"concepts": args.concepts, "steps": args.steps, "batch_per_concept": args.batch_size,
-                      "one_run_s": together, "separate_runs_s": separate, "ratio": separate / together}))
+                        "--set", f"concepts_per_step={args.concepts}"], work / "cache-together")
+    rows = [json.loads(line) for line in (work / "together" / "metrics.jsonl").read_text().splitlines()]
+    figures = {"concepts": args.concepts, "steps": args.steps, "batch_per_concept": args.batch_size,
+               "one_run_s": together}
+    if rows[-1]["step"] > rows[0]["step"]:  # two metrics lines at least (log_every, 10 by default)
+        per_step = (rows[-1]["time"] - rows[0]["time"]) / (rows[-1]["step"] - rows[0]["step"])
+        figures.update(one_run_s_per_step=per_step, one_run_images_per_s=args.concepts * args.batch_size / per_step,
+                       one_run_startup_s=rows[0]["time"] - started - (rows[0]["step"] - 1) * per_step)
+    timed = args.concepts if args.separate is None else min(args.separate, args.concepts)
+    alone = [_invert(["--images", str(root / f"c{i:02d}"), "--token", f"<c{i:02d}>", "--out", str(work / f"alone{i}"),
+                      *common], work / "cache-separate") for i in range(timed)]
+    if alone:
+        separate = sum(alone) + (args.concepts - len(alone)) * alone[-1]
+        figures.update(separate_runs_s=separate, ratio=separate / together, separate_timed=[round(t, 2) for t in alone],
+                       separate_estimated=len(alone) < args.concepts)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
 if __name__ == "__main__":

@@ -56,22 +56,21 @@ def write_tokenizer(folder: Path, size: int = 49408) -> int:
     return build(lo)
 
 
-def build(name: str, out: Path) -> None:
+def build(name: str, out: Path, flax: bool = True, tokenizer: Path | None = None) -> None:
+    """OUT/NAME, and OUT/NAME-flax where `flax`. `tokenizer`: a folder `write_tokenizer` wrote before (writing one
+    searches for the filler size, which takes a while)."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlaxAutoencoderKL,
-        FlaxUNet2DConditionModel,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, FlaxCLIPTextModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     unet_cfg, vae_cfg, clip_cfg = SHAPES[name]
     torch.manual_seed(0)
     tok = Path(tempfile.mkdtemp(prefix="peer-tok-"))
-    entries = write_tokenizer(tok)
+    if tokenizer is None:
+        entries = write_tokenizer(tok)
+    else:
+        shutil.copytree(tokenizer, tok, dirs_exist_ok=True)
+        entries = len(CLIPTokenizer.from_pretrained(str(tok)))
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**vae_cfg).eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**clip_cfg)).eval(),
         tokenizer=CLIPTokenizer.from_pretrained(str(tok)), unet=UNet2DConditionModel(**unet_cfg).eval(),
@@ -82,6 +81,20 @@ def build(name: str, out: Path) -> None:
     for folder in (target, flax_target):
         shutil.rmtree(folder, ignore_errors=True)
     pipe.save_pretrained(target)  # safetensors
+    for file in tok.iterdir():  # transformers 5 saves only tokenizer.json; real SD folders carry vocab and merges too
+        if not (target / "tokenizer" / file.name).exists():
+            shutil.copy(file, target / "tokenizer" / file.name)
+    shutil.rmtree(tok)
+    if flax:
+        _flax_copy(pipe, target, flax_target)
+    print(f"{name}: {target}{f' and {flax_target}' if flax else ''} (tokenizer: {entries} entries)")
+
+
+def _flax_copy(pipe, target: Path, flax_target: Path) -> None:
+    """The Flax example's copy of `pipe` (diffusers <= 0.39 and transformers 4 only: later ones have no Flax)."""
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from transformers import FlaxCLIPTextModel
+
     bins = Path(tempfile.mkdtemp(prefix="peer-bin-"))
     pipe.save_pretrained(bins, safe_serialization=False)  # the Flax classes convert from .bin
     FlaxCLIPTextModel.from_pretrained(bins / "text_encoder", from_pt=True).save_pretrained(flax_target / "text_encoder")
@@ -92,8 +105,6 @@ def build(name: str, out: Path) -> None:
         shutil.copytree(target / sub, flax_target / sub)
     shutil.copy(target / "model_index.json", flax_target / "model_index.json")
     shutil.rmtree(bins)
-    shutil.rmtree(tok)
-    print(f"{name}: {target} and {flax_target} (tokenizer: {entries} entries)")
 
 
 def write_images(folder: Path, n: int = 4, size: int = 512) -> None:
@@ -110,12 +121,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="+", choices=sorted(SHAPES))
     p.add_argument("--out", type=Path, required=True, help="a folder outside the repository")
+    p.add_argument("--no-flax", dest="flax", action="store_false",
+                   help="no Flax copy (for the PyTorch example and tix alone, e.g. with diffusers >= 0.40)")
+    p.add_argument("--tokenizer", type=Path, help="copy this tokenizer folder instead of writing one")
     args = p.parse_args()
     if args.out.resolve().is_relative_to(ROOT):
         p.error(f"--out {args.out} is inside the repository; the peers' models stay outside it")
     write_images(args.out / "images")
     for name in args.names:
-        build(name, args.out)
+        build(name, args.out, args.flax, args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python benchmarks/peers.py --examples DIFFUSERS/examples/textual_inversion --model MODELS/small \\
         --images MODELS/images --resolution 64 --steps 50 250 --repeats 2 --peers-python /work/venvs/peers/bin/python
 
-Each program runs N1 and N2 steps (batch 1) as separate processes; seconds per step are marginal,
+Each program runs N1 and N2 steps (batch 1 unless --batch) as separate processes; seconds per step are marginal,
 (T(N2) - T(N1)) / (N2 - N1), so start-up and compilation cancel, and start-up is T(N1) - N1 x that. Runs alternate
 between the programs (tix, PyTorch, Flax, tix, ...) so a change in the machine's load hits all of them alike; the
 median of `--repeats` runs is used. The examples are `textual_inversion.py` and `textual_inversion_flax.py` as
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -29,16 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def commands(args: argparse.Namespace, steps: int, out: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Each program's command line and extra environment for a run of `steps` steps writing under `out`."""
     common = ["--train_data_dir", str(args.images), "--placeholder_token", "<peer>", "--initializer_token", "cat",
-              "--resolution", str(args.resolution), "--train_batch_size", "1", "--max_train_steps", str(steps)]
-    examples = Path(args.examples)
+              "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
+              "--max_train_steps", str(steps)]
+    examples = Path(args.examples).resolve()  # each program runs in its log's folder
     tix = [sys.executable, "-m", "tix.cli", "invert", "--model", str(args.model), "--images", str(args.images),
-           "--token", "<peer>", "--init", "cat", "--resolution", str(args.resolution), "--batch-size", "1",
+           "--token", "<peer>", "--init", "cat", "--resolution", str(args.resolution), "--batch-size", str(args.batch),
            "--steps", str(steps), "--out", str(out / "tix"), "--validate-every", "0", "--save-every", "100000",
            "--set", "log_every=100000", *args.tix_args]
     torch = [args.peers_python, str(examples / "textual_inversion.py"), "--pretrained_model_name_or_path",
-             str(args.model), *common, "--output_dir", str(out / "torch"), "--dataloader_num_workers", "0"]
+             str(args.model), *common, "--output_dir", str(out / "torch"), "--dataloader_num_workers", "0",
+             *args.peer_args]
     flax = [args.peers_python, str(examples / "textual_inversion_flax.py"), "--pretrained_model_name_or_path",
-            str(args.flax_model or f"{args.model}-flax"), *common, "--output_dir", str(out / "flax")]
+            str(args.flax_model or f"{args.model}-flax"), *common, "--output_dir", str(out / "flax"), *args.peer_args]
     stub = {"PYTHONPATH": str(args.stub)} if args.stub else {}
     programs = {"tix": (tix, {"PYTHONPATH": str(ROOT)}), "pytorch": (torch, stub), "flax": (flax, stub)}
     return {name: programs[name] for name in args.programs}
@@ -79,12 +82,15 @@ def main() -> None:
     p.add_argument("--flax-model", help="its Flax copy (default: MODEL-flax)")
     p.add_argument("--images", required=True, help="training images")
     p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1, help="images per step, for every program")
     p.add_argument("--steps", type=int, nargs=2, default=[50, 250], metavar=("N1", "N2"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--peers-python", default=sys.executable, help="python with diffusers 0.39, transformers 4.57")
     p.add_argument("--stub", help="folder put on the examples' PYTHONPATH (a torchvision stand-in: both import it "
                    "only for a horizontal flip)")
     p.add_argument("--programs", nargs="+", default=["tix", "pytorch", "flax"], choices=["tix", "pytorch", "flax"])
+    p.add_argument("--peer-args", type=shlex.split, default=[],
+                   help="extra arguments for both examples, as one string: --peer-args='--mixed_precision bf16'")
     p.add_argument("--tix-args", nargs=argparse.REMAINDER, default=[], help="extra `tix invert` arguments (last)")
     p.add_argument("--startup", action="store_true", help="also time tix's start-up with a cold and a warm cache")
     p.add_argument("--logs", type=Path, help="keep each run's output here (default: a temporary folder)")
@@ -97,9 +103,10 @@ def main() -> None:
     if args.startup:
         time_startup(args, logs)
     if "tix" in args.programs:
-        # tix keeps each compiled step (a run of N steps has its own: the step count is an optimizer setting), so the
-        # first run of each length would pay a compile the later ones do not; every timed run starts warm, as a
-        # user's second run does, and start-up stays the same in all of them, as the marginal method needs.
+        # tix keeps its compiled step, so the first run would pay a compile the later ones do not; every timed run
+        # starts warm, as a user's second run does, and start-up stays the same in all of them, as the marginal
+        # method needs. (Under a constant learning rate the step count is not part of the step; a run of each
+        # length keeps this right for a cosine schedule too.)
         for n in (n1, n2):
             with tempfile.TemporaryDirectory(prefix="tix-peers-out-") as out:
                 command, env = commands(args, n, Path(out))["tix"]
@@ -117,7 +124,8 @@ def main() -> None:
         t1, t2 = statistics.median(times[name, n1]), statistics.median(times[name, n2])
         per_step[name] = (t2 - t1) / (n2 - n1)
         startup[name] = t1 - n1 * per_step[name]
-    print(f"\nresolution {args.resolution}, batch 1, marginal over {n1}->{n2} steps, median of {args.repeats}")
+    print(f"\nresolution {args.resolution}, batch {args.batch}, marginal over {n1}->{n2} steps, "
+          f"median of {args.repeats}")
     print("| program | s/step | start-up s |\n| --- | --- | --- |")
     for name in args.programs:
         print(f"| {name} | {per_step[name]:.4f} | {startup[name]:.1f} |")
