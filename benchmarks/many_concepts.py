@@ -15,26 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.processes import ROOT, metrics_rows, step_timing, timed, tix_invert  # noqa: E402
 
 
-def _invert(args: list[str], cache: Path) -> float:
-    args = [*args, "--set", f"compile_cache={cache}"]
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "tix.cli", "invert", *args], cwd=ROOT, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"tix invert {' '.join(args)} failed (status {done.returncode}):\n{done.stdout[-3000:]}")
-    return time.perf_counter() - t0
+def _invert(args: list[str], cache: Path, log: Path) -> float:
+    return timed(*tix_invert(*args, "--set", f"compile_cache={cache}"), log, cwd=ROOT)
 
 
 def main() -> None:
@@ -71,17 +63,17 @@ def main() -> None:
               "--validate-every", "0", "--save-every", str(args.steps), "--init", "object", *extra]
     started = time.time()
     together = _invert(["--concepts", str(root), "--out", str(work / "together"), *common,
-                        "--set", f"concepts_per_step={args.concepts}"], work / "cache-together")
-    rows = [json.loads(line) for line in (work / "together" / "metrics.jsonl").read_text().splitlines()]
+                        "--set", f"concepts_per_step={args.concepts}"], work / "cache-together", work / "together.log")
     figures = {"concepts": args.concepts, "steps": args.steps, "batch_per_concept": args.batch_size,
                "one_run_s": together}
-    if rows[-1]["step"] > rows[0]["step"]:  # two metrics lines at least (log_every, 10 by default)
-        per_step = (rows[-1]["time"] - rows[0]["time"]) / (rows[-1]["step"] - rows[0]["step"])
+    timing = step_timing(metrics_rows(work / "together"), started)  # None below two logged steps (log_every: 10)
+    if timing is not None:
+        per_step, startup = timing
         figures.update(one_run_s_per_step=per_step, one_run_images_per_s=args.concepts * args.batch_size / per_step,
-                       one_run_startup_s=rows[0]["time"] - started - (rows[0]["step"] - 1) * per_step)
-    timed = args.concepts if args.separate is None else min(args.separate, args.concepts)
+                       one_run_startup_s=startup)
+    count = args.concepts if args.separate is None else min(args.separate, args.concepts)
     alone = [_invert(["--images", str(root / f"c{i:02d}"), "--token", f"<c{i:02d}>", "--out", str(work / f"alone{i}"),
-                      *common], work / "cache-separate") for i in range(timed)]
+                      *common], work / "cache-separate", work / f"alone{i}.log") for i in range(count)]
     if alone:
         separate = sum(alone) + (args.concepts - len(alone)) * alone[-1]
         figures.update(separate_runs_s=separate, ratio=separate / together, separate_timed=[round(t, 2) for t in alone],

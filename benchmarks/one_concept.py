@@ -21,53 +21,41 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.processes import ROOT, metrics_rows, step_timing, timed, tix_invert  # noqa: E402
 
 
-def _command(args: argparse.Namespace, out: Path, cache: Path, log_every: int) -> list[str]:
-    return [sys.executable, "-m", "tix.cli", "invert", "--model", args.model, "--images", args.images,
-            "--token", "<concept>", "--out", str(out), *args.tix_args,
-            "--set", f"compile_cache={cache}", "--set", f"log_every={log_every}"]
-
-
-def _rows(out: Path) -> list[dict]:
-    metrics = out / "metrics.jsonl"
-    if not metrics.exists():
-        return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+def _command(args: argparse.Namespace, out: Path, cache: Path, log_every: int) -> tuple[list[str], dict[str, str]]:
+    return tix_invert("--model", args.model, "--images", args.images, "--token", "<concept>", "--out", str(out),
+                      *args.tix_args, "--set", f"compile_cache={cache}", "--set", f"log_every={log_every}")
 
 
 def cold_run(args: argparse.Namespace, work: Path, cache: Path) -> dict:
     """The whole process with an empty cache; start-up is extrapolated back to step 1 from the first logged step."""
     out = work / "cold"
     started = time.time()
-    with (work / "cold.log").open("w") as log:
-        done = subprocess.run(_command(args, out, cache, args.log_every), stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    total = time.time() - started
-    if done.returncode:
-        raise SystemExit(f"tix invert failed (status {done.returncode}); see {work / 'cold.log'}")
-    rows = [r for r in _rows(out) if "time" in r and "step" in r]
-    first, last = rows[0], rows[-1]
-    if last["step"] == first["step"]:
-        raise SystemExit(f"one metrics line only; give --log-every well under the run's {last['step']} steps")
-    per_step = (last["time"] - first["time"]) / max(last["step"] - first["step"], 1)
-    return {"steps": last["step"], "cold_total_s": total, "s_per_step": per_step,
+    total = timed(*_command(args, out, cache, args.log_every), work / "cold.log", cwd=ROOT)
+    rows = metrics_rows(out)
+    timing = step_timing(rows, started)
+    if timing is None:
+        raise SystemExit(f"one metrics line only; give --log-every well under the run's {rows[-1]['step']} steps")
+    per_step, startup = timing
+    return {"steps": rows[-1]["step"], "cold_total_s": total, "s_per_step": per_step,
             "images_per_s": args.images_per_step / per_step if args.images_per_step else None,
-            "cold_startup_s": first["time"] - started - (first["step"] - 1) * per_step,
-            "tail_s": started + total - last["time"]}
+            "cold_startup_s": startup, "tail_s": started + total - rows[-1]["time"]}
 
 
 def warm_startup(args: argparse.Namespace, work: Path, cache: Path, limit_s: float = 600) -> float:
     """Seconds from process start to the first step's metrics line with the cache warm (the run is then killed)."""
     out = work / "warm"
+    command, env = _command(args, out, cache, 1)
     started = time.time()
     with (work / "warm.log").open("w") as log:
-        proc = subprocess.Popen(_command(args, out, cache, 1), stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=ROOT)
         try:
             while time.time() - started < limit_s:
-                rows = [r for r in _rows(out) if "time" in r]
+                rows = metrics_rows(out)
                 if rows:
                     return rows[0]["time"] - started
                 if proc.poll() is not None:

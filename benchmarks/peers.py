@@ -14,17 +14,17 @@ models (MODEL for tix and PyTorch, MODEL-flax for Flax) and the images. Nothing 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.processes import metrics_rows, timed, tix_invert  # noqa: E402
 
 
 def commands(args: argparse.Namespace, steps: int, out: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -33,30 +33,18 @@ def commands(args: argparse.Namespace, steps: int, out: Path) -> dict[str, tuple
               "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
               "--max_train_steps", str(steps)]
     examples = Path(args.examples).resolve()  # each program runs in its log's folder
-    tix = [sys.executable, "-m", "tix.cli", "invert", "--model", str(args.model), "--images", str(args.images),
-           "--token", "<peer>", "--init", "cat", "--resolution", str(args.resolution), "--batch-size", str(args.batch),
-           "--steps", str(steps), "--out", str(out / "tix"), "--validate-every", "0", "--save-every", "100000",
-           "--set", "log_every=100000", *args.tix_args]
+    tix = tix_invert("--model", str(args.model), "--images", str(args.images), "--token", "<peer>", "--init", "cat",
+                     "--resolution", str(args.resolution), "--batch-size", str(args.batch), "--steps", str(steps),
+                     "--out", str(out / "tix"), "--validate-every", "0", "--save-every", "100000",
+                     "--set", "log_every=100000", *args.tix_args)
     torch = [args.peers_python, str(examples / "textual_inversion.py"), "--pretrained_model_name_or_path",
              str(args.model), *common, "--output_dir", str(out / "torch"), "--dataloader_num_workers", "0",
              *args.peer_args]
     flax = [args.peers_python, str(examples / "textual_inversion_flax.py"), "--pretrained_model_name_or_path",
             str(args.flax_model or f"{args.model}-flax"), *common, "--output_dir", str(out / "flax"), *args.peer_args]
     stub = {"PYTHONPATH": str(args.stub)} if args.stub else {}
-    programs = {"tix": (tix, {"PYTHONPATH": str(ROOT)}), "pytorch": (torch, stub), "flax": (flax, stub)}
+    programs = {"tix": tix, "pytorch": (torch, stub), "flax": (flax, stub)}
     return {name: programs[name] for name in args.programs}
-
-
-def timed(command: list[str], env: dict[str, str], log: Path) -> float:
-    """Wall seconds of one whole process; its output goes to `log`."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1", **env}
-    start = time.perf_counter()
-    with log.open("w") as sink:
-        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=full_env, cwd=log.parent)
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f"{command[:3]} failed (status {done.returncode}); see {log}")
-    return seconds
 
 
 def time_startup(args: argparse.Namespace, logs: Path, warm_runs: int = 2) -> None:
@@ -70,7 +58,7 @@ def time_startup(args: argparse.Namespace, logs: Path, warm_runs: int = 2) -> No
                 started = time.time()
                 seconds = timed([*command, "--set", f"compile_cache={cache}", "--set", "log_every=1"], env,
                                 logs / f"startup-{i}.log")
-                first = json.loads((Path(out) / "tix" / "metrics.jsonl").read_text().splitlines()[0])["time"]
+                first = metrics_rows(Path(out) / "tix")[0]["time"]
             print(f"tix start-up, {'cold' if i == 0 else 'warm'} cache: first step done at {first - started:.1f} s, "
                   f"whole 1-step process {seconds:.1f} s", flush=True)
 

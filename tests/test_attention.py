@@ -91,3 +91,17 @@ def test_attention_entry_point_takes_the_blocked_path(monkeypatch):
     q, k, v = _qkv((1, 1024, 2, 8), 1024, jnp.float32, seed=3)
     assert A._implementation(q, k) == "blocked"
     np.testing.assert_allclose(A.attention(q, k, v), A._xla_attention(q, k, v, False), atol=2e-6, rtol=2e-6)
+
+
+def test_plain_flops_count_what_the_cpus_blocked_loop_hides():
+    # XLA counts a loop's body once, so the CPU's blocked attention under-reports its work; cost.plain_flops lowers
+    # the plain form instead, which counts both products over every key, forward and backward, even after the
+    # function was traced in the CPU's form (JAX's trace cache does not know the platform).
+    from train import cost
+
+    q, k, v = _qkv((1, 1024, 8, 8), 1024, jnp.float32)
+    assert A._implementation(q, k) == "blocked"
+    grads = jax.grad(lambda q, k, v: jnp.sum(A.attention(q, k, v)), argnums=(0, 1, 2))
+    two_products = 2 * 2 * 1024 * 1024 * 8 * 8
+    assert cost.flops(jax.jit(grads).lower(q, k, v)) < two_products
+    assert cost.plain_flops(grads, q, k, v) >= 2.5 * two_products  # forward 2 products, backward 4

@@ -3,23 +3,11 @@ kinds pool every edit's samples, since the README quotes these tables."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from benchmarks import toyworld as bench
 from tix.toyworld import evaluate, world
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("toyworld_benchmark", ROOT / "benchmarks" / "toyworld.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_edit_kinds_and_their_pooled_shares():
-    bench = _benchmark()
     circle = next(c for c in world.benchmark_concepts() if c.name == "blue_dotted_circle")
     heart = next(c for c in world.benchmark_concepts() if c.name == "red_heart")
     context = {"background": "green", "size": "large"}

@@ -3,23 +3,12 @@ given as text, so each value must reach it with its type, and a malformed varian
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", ROOT / "benchmarks" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.train_step import _options as options
 
 
 def test_xla_variants_reach_the_compiler_typed():
-    options = _benchmark()._options
     assert options("default") == {}
     parsed = options("xla_gpu_enable_triton_gemm=false,xla_gpu_autotune_level=0,xla_dump_to=/tmp/x,flag=TRUE")
     assert parsed == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0, "xla_dump_to": "/tmp/x",
