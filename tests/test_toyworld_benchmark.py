@@ -3,6 +3,8 @@ kinds pool every edit's samples, since the README quotes these tables."""
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import toyworld as bench
 from tix.toyworld import evaluate, world
 
@@ -36,3 +38,28 @@ def test_edit_kinds_and_their_pooled_shares():
     assert rows["named", "other"].startswith("1.00") and rows["named", "repeats the images' context"].startswith("1.00")
     # Then one row per edit of each concept, the phrase written as "*".
     assert "| blue_dotted_circle | a * on a blue background | a word objects also take | 0.25 (4) |" in table
+
+
+def test_trade_off_leads_come_with_an_interval_over_concepts():
+    concepts = world.sample_concepts(3, 3, seed=0)
+
+    def score(resemblance: float, obeyed: float) -> evaluate.Score:
+        return evaluate.Score(resemblance, 0.5, 16, obeyed, resemblance)
+
+    # Three vectors resemble more in every concept; they obey less in one concept only, by a lot.
+    scores = {}
+    for i, c in enumerate(concepts):
+        scores[c.name, "tix-1v"] = score(0.5, 1.0)
+        scores[c.name, "tix-3v"] = score(0.8, 0.4 if i == 0 else 1.0)
+    lead, low, high = bench.concept_bootstrap(scores, concepts, "tix-3v", "tix-1v", "resemblance")
+    assert (lead, low, high) == pytest.approx((0.3, 0.3, 0.3))
+    lead, low, high = bench.concept_bootstrap(scores, concepts, "tix-3v", "tix-1v", "obeyed")
+    assert lead == pytest.approx(-0.1) and low < -0.1 and high == pytest.approx(0.0)
+    # Pooling weighs each concept by its samples, as the tables do.
+    scores[concepts[0].name, "tix-3v"] = evaluate.Score(0.8, 0.5, 48, 0.4, 0.8)
+    assert bench.concept_bootstrap(scores, concepts, "tix-3v", "tix-1v", "obeyed")[0] == pytest.approx(-0.6 * 48 / 128)
+
+    table = bench.trade_off_table(scores, concepts)
+    rows = table.splitlines()[2:]
+    assert [r.split("|")[1:3] for r in rows] == [[" tix-3v - tix-1v ", f" {g} "] for g in ("named", "unnamed", "all")]
+    assert "| tix-3v - tix-1v | all | 6 | +0.30 [+0.30, +0.30] |" in table  # no regularised run: no second pair

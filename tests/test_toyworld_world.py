@@ -206,6 +206,20 @@ def test_benchmark_concepts():
         world.Concept("bad", {"background": "blue"})
 
 
+def test_sample_concepts_draws_distinct_named_and_unnamed_concepts_from_a_seed():
+    concepts = world.sample_concepts(10, 6, seed=3)
+    assert [c.nameable for c in concepts] == [True] * 10 + [False] * 6
+    assert len({c.name for c in concepts}) == 16
+    assert all(set(c.fixed) == {"shape", "colour", "pattern"} for c in concepts)
+    assert world.sample_concepts(10, 6, seed=3) == concepts
+    assert {c.name for c in world.sample_concepts(10, 6, seed=4)} != {c.name for c in concepts}
+    # Every unnamed concept is one of the 27 with a heart or purple; asking for all of them draws each once.
+    every = world.sample_concepts(0, 27, seed=0)
+    assert len({c.name for c in every}) == 27 and all(c.unnamed for c in every)
+    with pytest.raises(ValueError, match="27 distinct unnamed"):
+        world.sample_concepts(0, 28, seed=0)
+
+
 def test_concept_images_keep_fixed_attributes():
     for i, concept in enumerate(world.benchmark_concepts()):
         images = world.concept_images(concept, 24, seed=100 + i)

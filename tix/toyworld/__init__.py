@@ -24,6 +24,7 @@ from tix.toyworld.world import (
     edit_prompts,
     render,
     render_many,
+    sample_concepts,
     sample_scene,
     vocabulary,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "model_dir",
     "render",
     "render_many",
+    "sample_concepts",
     "sample_scene",
     "score",
     "vocabulary",

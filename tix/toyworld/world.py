@@ -387,6 +387,24 @@ def benchmark_concepts() -> list[Concept]:
     return [Concept(name, fixed) for name, fixed in specs]
 
 
+def sample_concepts(named: int, unnamed: int, seed: int) -> list[Concept]:
+    """Distinct concepts drawn at random, each fixing a shape, a colour and a pattern: `named` of them with a word
+    for all three, then `unnamed` with at least one value no word names. A fixed list of a few concepts lets one
+    concept's quirk decide a comparison; a draw of many, from a seed chosen before the run, does not."""
+    combos = [(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS]
+    nameable = [k for k in combos if k[0] not in UNNAMED_SHAPES and k[1] not in UNNAMED_COLOURS]
+    hidden = [k for k in combos if k not in nameable]
+    for want, pool, kind in ((named, nameable, "named"), (unnamed, hidden, "unnamed")):
+        if not 0 <= want <= len(pool):
+            raise ValueError(f"the toy world has {len(pool)} distinct {kind} concepts of shape, colour and pattern; "
+                             f"asked for {want}")
+    rng = np.random.default_rng([seed, 2])
+    drawn = [nameable[i] for i in rng.permutation(len(nameable))[:named]]
+    drawn += [hidden[i] for i in rng.permutation(len(hidden))[:unnamed]]
+    return [Concept(f"{colour}_{pattern}_{shape}", {"shape": shape, "colour": colour, "pattern": pattern})
+            for shape, colour, pattern in drawn]
+
+
 def edit_prompts(concept: Concept, token: str) -> list[tuple[str, dict[str, str]]]:
     """Prompts that put the concept (written as `token`) in a changed context, each with the attribute overrides
     an obeying image shows. Only attributes the concept leaves free are edited, so no edit contradicts it."""
