@@ -3,6 +3,7 @@ measures it (reconstruction against editability, Gal et al. 2022 Fig. 10), with 
 
     python benchmarks/toyworld.py [--concepts 10] [--steps 600] [--batch 4] [--samples 16] [--torch]
     python benchmarks/toyworld.py --methods tix-1v --concepts 4 --repeats 3   # the named concepts, 3 draws each
+    python benchmarks/toyworld.py --methods tix-1v tix-3v --draw 32 --seed 2   # 32 concepts drawn at random
 
 Inverts the toy world's benchmark concepts (5 images each; some made of a shape or colour no word names) in batched
 `tix invert` runs, then samples every method's phrase for every concept with the same prompts and seeds and scores
@@ -301,11 +302,10 @@ def trade_off_table(scores: dict[tuple[str, str], evaluate.Score], concepts: lis
     obeyed, with a 95% interval over concepts (`concept_bootstrap`). The paper's order holds where the lead is
     above zero on the first axis and below it on the second."""
     x, y = "resemblance", "obeyed"
-    methods = {m for _, m in scores}
     lines = ["| pair | group | concepts | resemblance: lead [95%] | edits obeyed: lead [95%] |",
              "|---|---|---|---|---|"]
     for first, second in TRADE_OFF:
-        if first not in methods or second not in methods:
+        if not all((c.name, m) in scores for c in concepts for m in (first, second)):
             continue
         for group, members in concept_groups(concepts).items():
             cells = [concept_bootstrap(scores, members, first, second, f) for f in (x, y)]
