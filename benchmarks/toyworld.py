@@ -308,6 +308,8 @@ def trade_off_table(scores: dict[tuple[str, str], evaluate.Score], concepts: lis
         if not all((c.name, m) in scores for c in concepts for m in (first, second)):
             continue
         for group, members in concept_groups(concepts).items():
+            if not members:
+                continue
             cells = [concept_bootstrap(scores, members, first, second, f) for f in (x, y)]
             lines.append(f"| {first} - {second} | {group} | {len(members)} | "
                          + " | ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in cells) + " |")

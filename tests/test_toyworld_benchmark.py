@@ -63,3 +63,6 @@ def test_trade_off_leads_come_with_an_interval_over_concepts():
     rows = table.splitlines()[2:]
     assert [r.split("|")[1:3] for r in rows] == [[" tix-3v - tix-1v ", f" {g} "] for g in ("named", "unnamed", "all")]
     assert "| tix-3v - tix-1v | all | 6 | +0.30 [+0.30, +0.30] |" in table  # no regularised run: no second pair
+    # A group with no concepts gets no row (and no 0/0).
+    named = concepts[:3]
+    assert [r.split("|")[2].strip() for r in bench.trade_off_table(scores, named).splitlines()[2:]] == ["named", "all"]
