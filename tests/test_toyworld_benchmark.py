@@ -66,3 +66,14 @@ def test_trade_off_leads_come_with_an_interval_over_concepts():
     # A group with no concepts gets no row (and no 0/0).
     named = concepts[:3]
     assert [r.split("|")[2].strip() for r in bench.trade_off_table(scores, named).splitlines()[2:]] == ["named", "all"]
+
+
+def test_only_keeps_each_concepts_seed_and_names_unknown_concepts(capsys, tmp_path):
+    concepts = world.sample_concepts(2, 2, seed=5)
+    seeds = bench.concept_seeds(concepts, 5)
+    assert [seeds[c.name] for c in concepts] == [5, 6, 7, 8]  # a rerun of the fourth alone still renders with 8
+    with pytest.raises(SystemExit):
+        bench.main(["--draw", "4", "--seed", "5", "--only", "nope", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "--only: no concept named nope" in err and concepts[3].name in err
+    assert not (tmp_path / "out").exists()
