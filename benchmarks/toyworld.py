@@ -34,8 +34,9 @@ For concepts with an unnamed value it also reports the cosine between the learne
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
 With --draw N the concepts are N drawn at random (half named, half not; `world.sample_concepts`) instead of the
-fixed list, and trade_off.md gives each of the paper's pairs (3 vectors against 1, 1 against regularised) its
-lead on both axes with a 95% interval over concepts.
+fixed list; --only NAME ... reruns some concepts of the list or draw, with the images they had in the run of all.
+trade_off.md gives each of the paper's pairs (3 vectors against 1, 1 against regularised) its lead on both axes
+with a 95% interval over concepts: the unit of chance, since one concept's quirk moves all of its samples.
 
 Writes results.json, table.md (with edits obeyed), trade_off.md, edits.md (edits obeyed by kind of edit, then each
 edit of each concept, per method; the samples behind each share in brackets) and scatter.png (reconstruction vs
