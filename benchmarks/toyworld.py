@@ -284,8 +284,9 @@ def table(summary: dict[str, dict[str, evaluate.Score]], shared: bool = False) -
 
 def concept_bootstrap(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept], a: str, b: str,
                       field: str, resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """Method `a`'s pooled `field` minus method `b`'s over `concepts`, with a 95% interval from redrawing the
-    concepts with replacement. One concept's quirk moves all of its samples together, so the concept, not the
+    """Method `a`'s pooled `field` minus method `b`'s over `concepts` (pooled as `pool` pools, each concept weighed
+    by its samples; done on arrays here for the resamples' sake), with a 95% interval from redrawing the concepts
+    with replacement. One concept's quirk moves all of its samples together, so the concept, not the
     sample, is the unit of chance: a per-sample standard error calls a difference two concepts make significant."""
     def column(method: str) -> tuple[np.ndarray, np.ndarray]:
         return (np.array([getattr(scores[c.name, method], field) for c in concepts]),
@@ -309,7 +310,6 @@ def trade_off_table(scores: dict[tuple[str, str], evaluate.Score], concepts: lis
     two axes, likeness to the training images (resemblance; reconstruction where they share no context) and edits
     obeyed, with a 95% interval over concepts (`concept_bootstrap`). The paper's order holds where the lead is
     above zero on the first axis and below it on the second."""
-    x, y = "resemblance", "obeyed"
     lines = ["| pair | group | concepts | resemblance: lead [95%] | edits obeyed: lead [95%] |",
              "|---|---|---|---|---|"]
     for first, second in TRADE_OFF:
@@ -318,7 +318,7 @@ def trade_off_table(scores: dict[tuple[str, str], evaluate.Score], concepts: lis
         for group, members in concept_groups(concepts).items():
             if not members:
                 continue
-            cells = [concept_bootstrap(scores, members, first, second, f) for f in (x, y)]
+            cells = [concept_bootstrap(scores, members, first, second, f) for f in ("resemblance", "obeyed")]
             lines.append(f"| {first} - {second} | {group} | {len(members)} | "
                          + " | ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in cells) + " |")
     return "\n".join(lines)
@@ -443,7 +443,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="the tix methods to run (the captions, init word and random vector are always scored)")
     p.add_argument("--repeats", type=int, default=1, help="independent draws of every tix token, scores pooled")
     args = p.parse_args(argv)
-    host_memory.keep_freed_memory()
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.draw:
@@ -456,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"--only: no concept named {', '.join(unknown)} in this list; it has {', '.join(seeds)}")
         concepts = [c for c in concepts if c.name in args.only]
+    host_memory.keep_freed_memory()  # once the arguments are known good: it changes the whole process's malloc
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     learned, seconds = invert(args.model, concepts, seeds, args.out, args)

@@ -398,7 +398,7 @@ def sample_concepts(named: int, unnamed: int, seed: int) -> list[Concept]:
         if not 0 <= want <= len(pool):
             raise ValueError(f"the toy world has {len(pool)} distinct {kind} concepts of shape, colour and pattern; "
                              f"asked for {want}")
-    rng = np.random.default_rng([seed, 2])
+    rng = np.random.default_rng([seed, 2])  # a stream of its own: shared_context draws from [seed, 1]
     drawn = [nameable[i] for i in rng.permutation(len(nameable))[:named]]
     drawn += [hidden[i] for i in rng.permutation(len(hidden))[:unnamed]]
     return [Concept(f"{colour}_{pattern}_{shape}", {"shape": shape, "colour": colour, "pattern": pattern})
