@@ -131,7 +131,7 @@ def invert(model: str, concepts: list[world.Concept], seeds: dict[str, int], out
         cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
             "model": model, "concepts": str(data), "out": str(out / "runs" / run_name), "steps": args.steps,
             "batch_size": args.batch, "lr": args.lr, "validate_every": 0, "save_every": args.steps,
-            "overwrite": True, "seed": args.seed, **run_settings(run_name, args),
+            "overwrite": True, "seed": args.seed, **args.set, **run_settings(run_name, args),
         })
         t0 = time.perf_counter()
         result = run(cfg, progress=False)
@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shared", nargs="*", default=[], choices=["background", "size", "colour", "pattern"],
                    help="free attributes a concept's training images share (world.concept_images)")
     p.add_argument("--reuse", action="store_true", help="take the vectors of runs already in --out; sample only")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config fields for every run (e.g. lr_schedule=cosine), as `tix invert --set` takes them; "
+                        "a method's own setting (init_reg, lr, ...) still wins for its run")
     p.add_argument("--torch", action="store_true", help="also score tix-1v exported and loaded in PyTorch diffusers")
     p.add_argument("--methods", nargs="+", default=list(TIX_METHODS), choices=list(TIX_METHODS),
                    help="the tix methods to run (the captions, init word and random vector are always scored)")
@@ -445,6 +448,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    from train.config import ConfigError, parse_set
+
+    try:
+        args.set = parse_set(args.set)
+    except ConfigError as e:
+        p.error(str(e))
     if args.draw:
         concepts = world.sample_concepts(args.draw // 2, args.draw - args.draw // 2, args.seed)
     else:

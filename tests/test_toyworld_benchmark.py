@@ -3,6 +3,8 @@ kinds pool every edit's samples, since the README quotes these tables."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import toyworld as bench
@@ -76,4 +78,32 @@ def test_only_keeps_each_concepts_seed_and_names_unknown_concepts(capsys, tmp_pa
         bench.main(["--draw", "4", "--seed", "5", "--only", "nope", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "--only: no concept named nope" in err and concepts[3].name in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_reaches_every_run_and_a_methods_own_setting_wins(monkeypatch, capsys, tmp_path):
+    import argparse
+    import types
+
+    import train.config
+    import train.invert
+
+    seen = {}
+
+    def fake_run(cfg, progress=True):
+        seen[Path(cfg.out).name] = cfg
+        return types.SimpleNamespace(vectors={}, tokens=[], compile_seconds=0.0, final_loss=0.0)
+
+    monkeypatch.setattr(train.invert, "run", fake_run)
+    concepts = world.sample_concepts(1, 0, seed=3)
+    args = argparse.Namespace(methods=["tix-1v", "tix-1v-regularised"], reuse=False, images=2, repeats=1, shared=[],
+                              steps=8, batch=2, lr=0.01, seed=3, init_reg=1e-4,
+                              set=train.config.parse_set(["lr_schedule=cosine", "init_reg=0.5"]))
+    bench.invert("toyworld", concepts, bench.concept_seeds(concepts, 3), tmp_path, args)
+    assert {name: (cfg.lr_schedule, cfg.init_reg) for name, cfg in seen.items()} == {
+        "base": ("cosine", 0.5), "regularised": ("cosine", 1e-4)}
+
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "lr_shedule=cosine", "--out", str(tmp_path / "out")])
+    assert "unknown config field 'lr_shedule'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
