@@ -81,7 +81,7 @@ def test_only_keeps_each_concepts_seed_and_names_unknown_concepts(capsys, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_set_reaches_every_run_and_a_methods_own_setting_wins(monkeypatch, capsys, tmp_path):
+def test_set_reaches_every_run_and_a_methods_own_setting_wins_and_the_log_counts_waves(monkeypatch, capsys, tmp_path):
     import argparse
     import types
 
@@ -92,16 +92,17 @@ def test_set_reaches_every_run_and_a_methods_own_setting_wins(monkeypatch, capsy
 
     def fake_run(cfg, progress=True):
         seen[Path(cfg.out).name] = cfg
-        return types.SimpleNamespace(vectors={}, tokens=[], compile_seconds=0.0, final_loss=0.0)
+        return types.SimpleNamespace(vectors={}, tokens=["<a>", "<b>", "<c>"], compile_seconds=0.0, final_loss=0.0)
 
     monkeypatch.setattr(train.invert, "run", fake_run)
     concepts = world.sample_concepts(1, 0, seed=3)
     args = argparse.Namespace(methods=["tix-1v", "tix-1v-regularised"], reuse=False, images=2, repeats=1, shared=[],
                               steps=8, batch=2, lr=0.01, seed=3, init_reg=1e-4,
-                              set=train.config.parse_set(["lr_schedule=cosine", "init_reg=0.5"]))
+                              set=train.config.parse_set(["lr_schedule=cosine", "init_reg=0.5", "concepts_per_step=2"]))
     bench.invert("toyworld", concepts, bench.concept_seeds(concepts, 3), tmp_path, args)
     assert {name: (cfg.lr_schedule, cfg.init_reg) for name, cfg in seen.items()} == {
         "base": ("cosine", 0.5), "regularised": ("cosine", 1e-4)}
+    assert "run base: 3 tokens in 2 waves of at most 2, 8 steps each" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):
         bench.main(["--set", "lr_shedule=cosine", "--out", str(tmp_path / "out")])
