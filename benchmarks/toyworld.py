@@ -140,9 +140,7 @@ def invert(model: str, concepts: list[world.Concept], seeds: dict[str, int], out
             name, method = token.strip("<>").split("@", 1)
             learned[name, method] = vectors
         # Tokens past concepts_per_step train after the others, in waves: the time is the waves' sum.
-        wave = min(cfg.concepts_per_step, len(result.tokens)) or 1
-        waves = -(-len(result.tokens) // wave)
-        print(f"run {run_name}: {len(result.tokens)} tokens in {waves} wave{'s' * (waves > 1)} of at most {wave}, "
+        print(f"run {run_name}: {len(result.tokens)} tokens in {result.waves} wave{'s' * (result.waves > 1)}, "
               f"{args.steps} steps each, {seconds[run_name]:.0f} s "
               f"(compile {result.compile_seconds:.0f} s), final loss {result.final_loss:.4f}", flush=True)
     return learned, seconds

@@ -92,7 +92,8 @@ def test_set_reaches_every_run_and_a_methods_own_setting_wins_and_the_log_counts
 
     def fake_run(cfg, progress=True):
         seen[Path(cfg.out).name] = cfg
-        return types.SimpleNamespace(vectors={}, tokens=["<a>", "<b>", "<c>"], compile_seconds=0.0, final_loss=0.0)
+        return types.SimpleNamespace(vectors={}, tokens=["<a>", "<b>", "<c>"], compile_seconds=0.0, final_loss=0.0,
+                                     waves=-(-3 // (cfg.concepts_per_step or 3)))
 
     monkeypatch.setattr(train.invert, "run", fake_run)
     concepts = world.sample_concepts(1, 0, seed=3)
@@ -102,7 +103,7 @@ def test_set_reaches_every_run_and_a_methods_own_setting_wins_and_the_log_counts
     bench.invert("toyworld", concepts, bench.concept_seeds(concepts, 3), tmp_path, args)
     assert {name: (cfg.lr_schedule, cfg.init_reg) for name, cfg in seen.items()} == {
         "base": ("cosine", 0.5), "regularised": ("cosine", 1e-4)}
-    assert "run base: 3 tokens in 2 waves of at most 2, 8 steps each" in capsys.readouterr().out
+    assert "run base: 3 tokens in 2 waves, 8 steps each" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):
         bench.main(["--set", "lr_shedule=cosine", "--out", str(tmp_path / "out")])

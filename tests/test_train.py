@@ -117,6 +117,7 @@ def test_concepts_together_match_separate_runs(tmp_path, tiny_dirs):
     # One concept per step: two waves through the same compiled step.
     waves = run(TrainConfig(concepts=str(root), out=str(tmp_path / "waves"), concepts_per_step=1, **common),
                 progress=False)
+    assert (together.waves, waves.waves) == (1, 2)
     for token, alone in (("<a>", alone_a), ("<b>", alone_b)):
         want = alone.vectors[token]["text_encoder"]
         for how, result in (("together", together), ("in waves", waves)):

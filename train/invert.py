@@ -50,6 +50,7 @@ class Result:
     images_per_second: float
     images_read: list[Path]  # the image files this process decoded (its share of the data)
     norms: dict[str, float] = dataclasses.field(default_factory=dict)  # token -> norm_vs_words
+    waves: int = 1  # groups of concepts_per_step tokens trained one after another
 
 
 # Everything a run writes in its folder besides config.yaml: what --overwrite clears.
@@ -411,7 +412,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
         multihost_utils.sync_global_devices("tix: run exported")
     norms = {t: norm_vs_words(list(v.values()), context.words) for t, v in learned.items()}
     return Result(out, state, [p.concept.token for p in prepared], learned, cfg.steps, final_loss, compile_seconds,
-                  float(np.mean(rates)) if rates else 0.0, files_read, norms)
+                  float(np.mean(rates)) if rates else 0.0, files_read, norms, len(waves))
 
 
 def place_frozen(sd: StableDiffusion, mesh: Any) -> Any:
