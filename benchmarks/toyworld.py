@@ -33,6 +33,9 @@ both).
 For concepts with an unnamed value it also reports the cosine between the learned vector (tix-1v) and the erased
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
+--set KEY=VALUE ... gives every run a config field (`tix invert --set`), to try an optimiser setting on the whole
+benchmark; a method's own setting (the regularised run's init_reg, the learning-rate variants' lr) still wins.
+
 With --draw N the concepts are N drawn at random (half named, half not; `world.sample_concepts`) instead of the
 fixed list; --only NAME ... reruns some concepts of the list or draw, with the images they had in the run of all.
 trade_off.md gives each of the paper's pairs (3 vectors against 1, 1 against regularised) its lead on both axes
