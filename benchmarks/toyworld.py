@@ -34,7 +34,8 @@ For concepts with an unnamed value it also reports the cosine between the learne
 word's row of the trained token table (`tix.toyworld.model.ERASED_FILE`), beside the initializer word's.
 
 --set KEY=VALUE ... gives every run a config field (`tix invert --set`), to try an optimiser setting on the whole
-benchmark; a method's own setting (the regularised run's init_reg, the learning-rate variants' lr) still wins.
+benchmark; a method's own setting (the regularised run's init_reg) still wins, and a field the benchmark's own flags
+set (--lr, --steps, --batch, ...) is refused (`OWN_FIELDS`).
 
 With --draw N the concepts are N drawn at random (half named, half not; `world.sample_concepts`) instead of the
 fixed list; --only NAME ... reruns some concepts of the list or draw, with the images they had in the run of all.
@@ -115,6 +116,13 @@ def write_concepts(root: Path, concepts: list[world.Concept], methods: list[str]
                 Image.fromarray(image).save(folder / f"{i}.png")
             vectors = TIX_METHODS[method][0]
             (folder / "concept.yaml").write_text(yaml.safe_dump({"vectors": vectors, "init": concept.initializer}))
+
+
+# Config fields `invert` sets from the benchmark's own flags (or always): --set may not move them, since the paths,
+# the step count and the learning-rate variants' rates are read back from the flags.
+OWN_FIELDS = {"model": "--model", "concepts": "--concepts or --draw", "out": "--out", "steps": "--steps",
+              "batch_size": "--batch", "lr": "--lr", "seed": "--seed", "validate_every": None, "save_every": None,
+              "overwrite": None}
 
 
 def invert(model: str, concepts: list[world.Concept], seeds: dict[str, int], out: Path,
@@ -453,12 +461,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    from train.config import ConfigError, parse_set
+    from tix.errors import ConfigError
+    from train.config import parse_set
 
     try:
         args.set = parse_set(args.set)
     except ConfigError as e:
         p.error(str(e))
+    for key in sorted(set(args.set) & set(OWN_FIELDS)):
+        flag = OWN_FIELDS[key]
+        p.error(f"--set {key}: the benchmark sets it itself" + (f"; use {flag}" if flag else ""))
     if args.draw:
         concepts = world.sample_concepts(args.draw // 2, args.draw - args.draw // 2, args.seed)
     else:

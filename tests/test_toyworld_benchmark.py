@@ -93,13 +93,13 @@ def test_set_reaches_every_run_and_a_methods_own_setting_wins_and_the_log_counts
     def fake_run(cfg, progress=True):
         seen[Path(cfg.out).name] = cfg
         return types.SimpleNamespace(vectors={}, tokens=["<a>", "<b>", "<c>"], compile_seconds=0.0, final_loss=0.0,
-                                     waves=-(-3 // (cfg.concepts_per_step or 3)))
+                                     waves=2)
 
     monkeypatch.setattr(train.invert, "run", fake_run)
     concepts = world.sample_concepts(1, 0, seed=3)
     args = argparse.Namespace(methods=["tix-1v", "tix-1v-regularised"], reuse=False, images=2, repeats=1, shared=[],
                               steps=8, batch=2, lr=0.01, seed=3, init_reg=1e-4,
-                              set=train.config.parse_set(["lr_schedule=cosine", "init_reg=0.5", "concepts_per_step=2"]))
+                              set=train.config.parse_set(["lr_schedule=cosine", "init_reg=0.5"]))
     bench.invert("toyworld", concepts, bench.concept_seeds(concepts, 3), tmp_path, args)
     assert {name: (cfg.lr_schedule, cfg.init_reg) for name, cfg in seen.items()} == {
         "base": ("cosine", 0.5), "regularised": ("cosine", 1e-4)}
@@ -108,4 +108,7 @@ def test_set_reaches_every_run_and_a_methods_own_setting_wins_and_the_log_counts
     with pytest.raises(SystemExit):
         bench.main(["--set", "lr_shedule=cosine", "--out", str(tmp_path / "out")])
     assert "unknown config field 'lr_shedule'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the benchmark's own flag, not --set, moves the rate its variants scale
+        bench.main(["--set", "lr=0.5", "--out", str(tmp_path / "out")])
+    assert "--set lr: the benchmark sets it itself; use --lr" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
