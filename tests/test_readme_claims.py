@@ -217,6 +217,17 @@ def test_horizontal_flip_probability(flip_p):
     assert abs(flipped - flip_p) < 0.05, flipped
 
 
+def test_timestep_bias_shifts_the_steps_draws_toward_noise():
+    tables = _view_tables()
+    means = {}
+    for bias in (0.0, 1.0):
+        cfg = StepConfig(4000, 1, 0.5, None, None, 8, timestep_bias=bias)
+        _, _, t, _ = draw_batch(tables, cfg, 1000, 3)
+        means[bias] = float(np.mean(np.asarray(t)))
+    # Uniform draws average T/2; density ~ t/T averages 2T/3.
+    assert means[0.0] == pytest.approx(500, abs=15) and means[1.0] == pytest.approx(667, abs=15), means
+
+
 def test_min_snr_gamma_weights_the_per_sample_loss():
     sd, cfg, tables, vectors = _stand_in_step()  # a linear stand-in for the model: the loss's wiring is under test
     gamma = 5.0

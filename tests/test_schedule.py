@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 from tix.errors import ConfigError
-from tix.schedule import NoiseSchedule, add_noise, min_snr_weight, snr, target, velocity
+from tix.schedule import NoiseSchedule, add_noise, min_snr_weight, snr, target, training_timesteps, velocity
 
 # scheduler_config.json of stable-diffusion-v1-5 (PNDM), stable-diffusion-2-1 (DDIM, v) and SDXL base (Euler).
 SD1 = {
@@ -109,6 +109,19 @@ def test_min_snr_weight_zero_terminal_snr_is_finite():
         w = np.asarray(min_snr_weight(sched, jnp.array([0, 999]), 5.0))
         assert np.all(np.isfinite(w))
         assert w[1] == (1.0 if prediction == "epsilon" else 0.0)
+
+
+def test_training_timesteps_are_uniform_by_default_and_biased_toward_noise_on_request():
+    key = jax.random.key(4)
+    # No bias draws exactly what the step drew before the option existed, so earlier runs resume bit for bit.
+    np.testing.assert_array_equal(training_timesteps(key, (64,), 1000), jax.random.randint(key, (64,), 0, 1000))
+    for bias in (1.0, 2.5):
+        t = np.asarray(training_timesteps(key, (200_000,), 1000, bias))
+        assert t.dtype == np.int32 and t.min() >= 0 and t.max() == 999
+        # Density ~ (t / T)^bias: the CDF at s is s^(1 + bias), so the mean is T (1 + bias) / (2 + bias).
+        for s in (0.25, 0.5, 0.9):
+            assert abs(np.mean(t < s * 1000) - s ** (1 + bias)) < 0.005, (bias, s)
+        assert np.mean(t) == pytest.approx(1000 * (1 + bias) / (2 + bias), rel=0.01)
 
 
 def test_schedule_is_static_pytree():

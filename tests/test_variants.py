@@ -317,7 +317,9 @@ def test_variant_settings_are_checked():
 
     base = dict(images="x", token="<t>")
     for bad, match in ((dict(init_reg=-1.0), "init_reg"), (dict(progressive_every=-2), "progressive_every"),
-                       (dict(per_image_mix=0.0), "per_image_mix"), (dict(per_image_mix=1.5), "per_image_mix")):
+                       (dict(per_image_mix=0.0), "per_image_mix"), (dict(per_image_mix=1.5), "per_image_mix"),
+                       (dict(timestep_bias=-1.0), "timestep_bias"),
+                       (dict(timestep_bias=float("inf")), "timestep_bias")):
         with pytest.raises(ConfigError, match=match):
             TrainConfig(**base, **bad).check()
     TrainConfig(**base, **VARIANTS).check()

@@ -1,4 +1,4 @@
-"""The diffusion noise schedule: forward noising, training targets and loss weights.
+"""The diffusion noise schedule: forward noising, training timesteps and targets, and loss weights.
 
 A :class:`NoiseSchedule` is built from a diffusers ``scheduler_config.json`` and holds only hashable configuration, so
 it can be a static argument of ``jax.jit`` or a closed-over constant; its tables (``betas``, ``alphas_cumprod``) are
@@ -282,6 +282,23 @@ def target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Arra
     if schedule.prediction_type == "epsilon":
         return noise
     return velocity(schedule, x0, noise, t)
+
+
+def training_timesteps(key: jax.Array, shape: tuple[int, ...], num_train_timesteps: int,
+                       bias: float = 0.0) -> jax.Array:
+    """Timesteps for training samples, int32 in [0, num_train_timesteps).
+
+    `bias` 0 draws them uniformly (DDPM, and the textual-inversion paper). `bias` > 0 draws t with density
+    proportional to (t / T)^bias: the noisy steps, where a sample's colours and layout are decided, come up more
+    often. Their epsilon loss is small and nearly flat in the conditioning, so under uniform draws an attribute that
+    only those steps settle (a colour, on the toy world) can be left unlearned while the loss looks converged.
+    """
+    if not bias:
+        return jax.random.randint(key, shape, 0, num_train_timesteps)
+    # Inverse CDF: P(t/T <= s) = s^(1 + bias).
+    u = jax.random.uniform(key, shape, jnp.float32)
+    t = jnp.floor(num_train_timesteps * u ** (1.0 / (1.0 + bias)))
+    return jnp.minimum(t, num_train_timesteps - 1).astype(jnp.int32)
 
 
 def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:

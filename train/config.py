@@ -60,6 +60,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = None  # per concept
     min_snr_gamma: float | None = None
+    # >0: draw timesteps with density ~ (t / T)^bias, the noisy end more often (0: uniform, the paper's); see
+    # tix.schedule.training_timesteps
+    timestep_bias: float = 0.0
     # the paper's variants (its Fig. 10), all off by default
     init_reg: float = 0.0  # >0: loss += init_reg x mean over a concept's vectors of ||v - v0||^2 (v0: initial value)
     progressive_every: int = 0  # >0: start with one vector, switch on one more every N steps up to `vectors`
@@ -126,6 +129,9 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive, or null for none")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
+        if self.timestep_bias < 0:
+            raise ConfigError(f"timestep_bias={self.timestep_bias} must be >= 0 (0 draws timesteps uniformly; 1 makes "
+                              "the noisiest twice as likely as the middle ones)")
         if self.init_reg < 0:
             raise ConfigError(f"init_reg={self.init_reg} must be >= 0 (0 turns the pull toward the init word off)")
         if self.progressive_every < 0:

@@ -55,6 +55,7 @@ class StepConfig(NamedTuple):
     init_reg: float = 0.0  # weight of the pull toward the initial vectors (`init_regulariser`)
     progressive_every: int = 0  # >0: a concept's vectors switch on one by one, every this many steps
     per_image_mix: float = 0.0  # probability that a sample's prompt also names its image's own token
+    timestep_bias: float = 0.0  # >0: timesteps drawn with density ~ (t / T)^bias (`tix.schedule.training_timesteps`)
 
 
 def clip_per_concept(max_norm: float) -> optax.GradientTransformation:
@@ -102,7 +103,7 @@ def _draw(key: jax.Array, k_tables: dict[str, jax.Array], cfg: StepConfig, num_t
         # A stream folded off the prompt's key, so runs without per-image tokens keep their draws bit for bit.
         dual = jax.random.bernoulli(jax.random.fold_in(kp, 1), cfg.per_image_mix, (b,))
         prompt = jnp.where(dual, image_token_row(prompt, img, k_tables), prompt)
-    t = jax.random.randint(kt, (b,), 0, num_train_timesteps)
+    t = sched.training_timesteps(kt, (b,), num_train_timesteps, cfg.timestep_bias)
     return img, crop * 2 + flip, prompt, t, kn, kl
 
 
