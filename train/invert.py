@@ -277,9 +277,11 @@ def _optimizer_settings(cfg: TrainConfig) -> dict[str, Any]:
 def _step_settings(cfg: TrainConfig, resolution: int) -> tuple[StepConfig, Any]:
     """The compiled step's static settings and its optimizer."""
     optimizer = make_optimizer(**_optimizer_settings(cfg))
-    step_cfg = StepConfig(cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution,
-                          cfg.init_reg, cfg.progressive_every, cfg.per_image_mix if cfg.per_image_tokens else 0.0,
-                          cfg.timestep_bias)
+    step_cfg = StepConfig(
+        cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution,
+        init_reg=cfg.init_reg, progressive_every=cfg.progressive_every,
+        per_image_mix=cfg.per_image_mix if cfg.per_image_tokens else 0.0, timestep_bias=cfg.timestep_bias,
+    )
     return step_cfg, optimizer
 
 
