@@ -134,6 +134,21 @@ def test_a_plain_word_token_matches_only_whole_words(tiny_dirs):
         sd.add_tokens("<BR>", [None])  # lower-cased prompts would make it the same token as <br>
 
 
+def test_a_lone_vector_is_one_token_with_its_own_row(tiny_dirs):
+    # A [D] vector once registered D sub-tokens sharing one row, so two such tokens encoded alike.
+    sd = tix.load(tiny_dirs("sd1"))
+    width = sd.text[0].width
+    a, b = np.random.default_rng(0).normal(size=(2, width)).astype(np.float32)
+    assert sd.add_tokens("<a>", [a]) == ["<a>"]
+    sd.add_tokens("<b>", [b[None]])
+    ids = sd.tokenize(["a <a>", "a <b>"])[0]
+    assert ids[0, 2] == sd.text[0].vocab_size and ids[1, 2] == sd.text[0].vocab_size + 1
+    ctx = np.asarray(sd.encode_prompts(["a <a>", "a <b>"])[0])
+    assert np.abs(ctx[0, 2] - ctx[1, 2]).max() > 1e-3
+    with pytest.raises(tix.errors.TixError, match=r"\[n, D\]"):
+        sd.add_tokens("<c>", [np.zeros((1, 1, width))])
+
+
 def test_overlong_prompts_are_cut_with_one_warning_naming_them(sd1, caplog):
     long_prompt = "a photo of " + " ".join(["red"] * 90) + " cat"
     with caplog.at_level("WARNING", logger="tix"):

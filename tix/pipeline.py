@@ -112,7 +112,12 @@ class StableDiffusion:
             raise TixError(
                 f"{token}: got vectors for {len(vectors)} text encoders, this {self.kind} model has {len(self.text)}"
             )
-        n = {np.shape(v)[0] for v in vectors if v is not None} or {1}
+        # A lone [D] vector is one vector: counting its first axis would register D sub-tokens with one row.
+        vectors = [None if v is None else np.atleast_2d(np.asarray(v, np.float32)) for v in vectors]
+        for v in vectors:
+            if v is not None and v.ndim != 2:
+                raise TixError(f"{token}: vectors must be [n, D] (or one [D] vector), got shape {v.shape}")
+        n = {v.shape[0] for v in vectors if v is not None} or {1}
         if len(n) != 1:
             raise TixError(f"{token}: the text encoders' vector counts differ ({sorted(n)}); they must be equal")
         (count,) = n
@@ -128,9 +133,7 @@ class StableDiffusion:
                         f"token {name!r} is already in the {side.name} vocabulary; choose another placeholder "
                         "(e.g. wrap it in angle brackets: '<my-cat>')"
                     )
-            vecs = np.zeros((count, side.width), np.float32) if vecs is None else np.asarray(vecs, np.float32)
-            if vecs.ndim == 1:
-                vecs = vecs[None]
+            vecs = np.zeros((count, side.width), np.float32) if vecs is None else vecs
             if vecs.shape[-1] != side.width:
                 raise TixError(
                     f"{token}: vectors of width {vecs.shape[-1]} do not fit {side.name} of width {side.width} "
