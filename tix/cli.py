@@ -1,4 +1,4 @@
-"""The `tix` command: generate, invert, export, concepts, eval."""
+"""The `tix` command: generate, invert, export, concepts, eval, pick."""
 
 from __future__ import annotations
 
@@ -251,6 +251,16 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {folder / 'eval.json'} and {folder / 'eval.html'}")
 
 
+def _pick(args: argparse.Namespace) -> None:
+    from train.pick import pick_runs
+
+    summary = pick_runs(args.runs, args.out, repeats=args.repeats, seed=args.seed)
+    for token, result in summary["concepts"].items():
+        losses = ", ".join(f"{run} {loss:.5f}" for run, loss in result["losses"].items())
+        print(f"{token}: {result['picked']} (loss {losses})")
+    print(f"wrote the picked vectors and pick.json to {args.out}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tix", description="Textual inversion for Stable Diffusion on JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -352,6 +362,14 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--size", type=int, default=None, help="pixels (default: the model's native size)")
     v.add_argument("--dtype", default="float32")
     v.set_defaults(fn=_eval)
+
+    k = sub.add_parser("pick", help="keep each concept's vectors from the run whose vectors fit its images best")
+    k.add_argument("runs", nargs="+", metavar="RUN", help="--out folders of runs of the same concepts and images")
+    k.add_argument("--out", required=True, help="a new folder for the picked vectors and pick.json")
+    k.add_argument("--repeats", type=int, default=8,
+                   help="fixed draws per training view and tenth of the schedule (default 8); more for close runs")
+    k.add_argument("--seed", type=int, default=0, help="the fixed draws' seed: a pick that moves with it is a tie")
+    k.set_defaults(fn=_pick)
     return p
 
 
