@@ -11,6 +11,7 @@ picks the better run in each case (README, toy world, random draw) at a fraction
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -69,10 +70,33 @@ def add_placeholders(sd: StableDiffusion, candidates: Sequence[Embedding]) -> di
     return names
 
 
+def sample_prompts(prompts: Sequence[str], latents: int, samples: int) -> list[str]:
+    """The template of each sample: sample s reads latent s mod `latents`, so per-latent prompts (captions, one per
+    latent) follow it; otherwise the templates cycle."""
+    if len(prompts) == latents:
+        return [prompts[s % latents] for s in range(samples)]
+    return [prompts[s % len(prompts)] for s in range(samples)]
+
+
+def candidate_rows(sd: StableDiffusion, placeholders: dict[int, str], candidate: Embedding) -> tuple[jax.Array, ...]:
+    """Per text encoder, the placeholder rows with the candidate's vectors written into its count's placeholder."""
+    rows = []
+    for side in sd.text:
+        extra = np.array(side.extra)
+        start = side.added.index(placeholders[_count(candidate)])
+        extra[start:start + _count(candidate)] = candidate.vectors[side.name]
+        rows.append(jnp.asarray(extra))
+    return tuple(rows)
+
+
 def candidate_losses(sd: StableDiffusion, placeholders: dict[int, str], candidates: Sequence[Embedding],
-                     latents: np.ndarray, prompts: Sequence[str], *, repeats: int, seed: int) -> np.ndarray:
+                     latents: np.ndarray, prompts: Sequence[str], *, repeats: int, seed: int,
+                     loss: Any = None) -> np.ndarray:
     """The mean fixed-draw loss of each candidate on scaled `latents` [L, h, w, c]: every latent `repeats` times in
-    each tenth of the schedule. `prompts` (templates with "{}"): one per latent, or templates that cycle."""
+    each tenth of the schedule. `prompts`: templates with "{}" (see `sample_prompts`). `loss`: `jax.jit` of
+    `chunk_loss` bound to `sd`, to share one compilation between calls (the weights are its argument, not
+    constants baked into the program)."""
+    loss = loss or jax.jit(functools.partial(chunk_loss, sd))
     count = len(latents) * repeats * BUCKETS
     padded = count + (-count % CHUNK)
     key_t, key_n = jax.random.split(jax.random.key(seed))
@@ -80,20 +104,12 @@ def candidate_losses(sd: StableDiffusion, placeholders: dict[int, str], candidat
     timesteps = jnp.concatenate([timesteps, jnp.zeros(padded - count, jnp.int32)])
     samples, valid = jnp.arange(padded), jnp.arange(padded) < count
     x0 = jnp.asarray(latents)
-    loss = jax.jit(lambda rows, s, t, ids, v: chunk_loss(sd, sd.params, rows, x0, s, t, key_n, ids, v))
+    templates = sample_prompts(prompts, len(latents), padded)
     out = []
     for candidate in candidates:
-        name = placeholders[_count(candidate)]
-        rows = []
-        for side in sd.text:
-            extra = np.array(side.extra)
-            start = side.added.index(name)
-            extra[start:start + _count(candidate)] = candidate.vectors[side.name]
-            rows.append(jnp.asarray(extra))
-        text = [prompts[(s % len(latents)) if len(prompts) == len(latents) else s % len(prompts)].format(name)
-                for s in range(padded)]
-        ids = sd.tokenize(text)
-        total = sum(float(loss(tuple(rows), samples[c:c + CHUNK], timesteps[c:c + CHUNK],
+        rows = candidate_rows(sd, placeholders, candidate)
+        ids = sd.tokenize([t.format(placeholders[_count(candidate)]) for t in templates])
+        total = sum(float(loss(sd.params, rows, x0, samples[c:c + CHUNK], timesteps[c:c + CHUNK], key_n,
                                tuple(jnp.asarray(i[c:c + CHUNK]) for i in ids), valid[c:c + CHUNK]))
                     for c in range(0, padded, CHUNK))
         out.append(total / count)
@@ -173,6 +189,7 @@ def pick_runs(folders: Sequence[fs.PathLike], out: fs.PathLike, *, repeats: int 
     sd = sd or tix.load(cfg.model, cfg.dtype, compute_dtype=cfg.compute_dtype)
     resolution = cfg.resolution or sd.default_size
     placeholders = add_placeholders(sd, [r.learned[t] for r in runs for t in tokens])
+    loss = jax.jit(functools.partial(chunk_loss, sd))
     summary: dict[str, Any] = {"runs": [str(r.folder) for r in runs], "repeats": repeats, "seed": seed,
                                "concepts": {}}
     picked = []
@@ -183,7 +200,7 @@ def pick_runs(folders: Sequence[fs.PathLike], out: fs.PathLike, *, repeats: int 
         if runs[0].concepts[token].per_image_captions:  # every view of image i goes with caption i
             prompts = tuple(p for p in prompts for _ in range(pixels.shape[1]))
         losses = candidate_losses(sd, placeholders, [r.learned[token] for r in runs], latents, prompts,
-                                  repeats=repeats, seed=seed)
+                                  repeats=repeats, seed=seed, loss=loss)
         best = int(np.argmin(losses))
         picked.append(runs[best].learned[token])
         summary["concepts"][token] = {"picked": str(runs[best].folder),
