@@ -38,10 +38,11 @@ def _images(folder, seed=0):
     return folder
 
 
-def _run(folder, images, embedding):
+def _run(folder, images, embedding, **fields):
     """A finished run folder as `tix invert` leaves it: config.yaml and its export."""
     folder.mkdir(parents=True)
-    cfg = TrainConfig(model="toyworld", images=str(images), token=TOKEN, out=str(folder), prompts=("a {} circle",))
+    cfg = TrainConfig(model="toyworld", images=str(images), token=TOKEN, out=str(folder), prompts=("a {} circle",),
+                      **fields)
     (folder / "config.yaml").write_text(cfg.to_yaml())
     embedding_files.write(embedding, folder / "learned_embeds.safetensors", format="diffusers")
     return folder
@@ -66,12 +67,14 @@ def test_every_tenth_of_the_schedule_is_drawn():
     assert (t // 100).tolist() == [b for b in range(pick.BUCKETS) for _ in range(6)]
 
 
-def test_pick_keeps_the_better_run_and_refuses_what_it_cannot_compare(words, tmp_path, capsys):
+def test_pick_keeps_the_better_run_and_refuses_what_it_cannot_compare(words, tmp_path, capsys, caplog):
     images = _images(tmp_path / "images")
     blue = _run(tmp_path / "blue", images, words["blue"])
-    red = _run(tmp_path / "red", images, words["red"])
-    cli.main(["pick", str(blue), str(red), "--out", str(tmp_path / "picked"), "--repeats", "1"])
+    red = _run(tmp_path / "red", images, words["red"], timestep_bias=1.0)
+    with caplog.at_level("WARNING", logger="tix"):
+        cli.main(["pick", str(blue), str(red), "--out", str(tmp_path / "picked"), "--repeats", "1"])
     assert f"{TOKEN}: {red}" in capsys.readouterr().out
+    assert any("differ in timestep_bias (0.0, 1.0)" in r.getMessage() for r in caplog.records)
     (kept,) = embedding_files.read(tmp_path / "picked" / "learned_embeds.safetensors")
     np.testing.assert_array_equal(kept.vectors["text_encoder"], words["red"].vectors["text_encoder"])
     summary = json.loads((tmp_path / "picked" / "pick.json").read_text())

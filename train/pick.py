@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,8 @@ from train.config import TrainConfig
 from train.evaluate import exported_embeddings
 from train.step import diffusion_loss
 from train.tables import encode_latents
+
+log = logging.getLogger("tix")
 
 BUCKETS = 10  # timesteps come evenly from each tenth of the schedule, so no range is missed by chance
 CHUNK = 8  # samples per UNet call: hundreds of 512 px samples at once would not fit a device
@@ -153,6 +156,12 @@ def _check_comparable(runs: Sequence[Run]) -> list[str]:
             if getattr(run.cfg, field) != getattr(first.cfg, field):
                 raise ConfigError(f"{run.folder} and {first.folder} differ in {field} ({getattr(run.cfg, field)} and "
                                   f"{getattr(first.cfg, field)}); pick compares runs of one model at one resolution")
+    for field in ("timestep_bias", "min_snr_gamma"):
+        values = [getattr(r.cfg, field) for r in runs]
+        if len(set(values)) > 1:
+            log.warning("the runs differ in %s (%s): the pick weighs every timestep alike, as default training does, "
+                        "so a run trained with another weighting is judged by one it did not train for",
+                        field, ", ".join(map(str, values)))
     tokens = [t for t in first.learned if all(t in r.learned and t in r.concepts for r in runs)]
     if not tokens:
         raise TixError(f"the runs share no learned token ({', '.join(str(r.folder) for r in runs)}); pick compares "
