@@ -96,3 +96,36 @@ def test_pick_keeps_the_better_run_and_refuses_what_it_cannot_compare(words, tmp
         assert message in capsys.readouterr().err
     assert (blue / "learned_embeds.safetensors").read_bytes() == before
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_pick_reads_every_text_encoder_and_tokens_of_several_vectors(tiny_dirs, tmp_path):
+    model = tiny_dirs("sdxl")
+    sd = tix.load(model)
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (sd.default_size, sd.default_size, 3), np.uint8)).save(images / f"{i}.png")
+
+    def vectors(n: int, seed: int) -> dict:
+        r = np.random.default_rng(seed)
+        return {side.name: r.normal(0, 0.5, (n, side.width)).astype(np.float32) for side in sd.text}
+
+    two = vectors(2, 1)
+    second_changed = {**two, "text_encoder_2": vectors(2, 2)["text_encoder_2"]}
+    runs = []
+    for name, v in (("two", two), ("same", two), ("second", second_changed), ("one", vectors(1, 3))):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = TrainConfig(model=str(model), images=str(images), token=TOKEN, out=str(folder))
+        (folder / "config.yaml").write_text(cfg.to_yaml())
+        embedding_files.write(Embedding(TOKEN, v), folder / "learned_embeds.safetensors", format="diffusers")
+        runs.append(str(folder))
+    summary = pick.pick_runs(runs, tmp_path / "picked", repeats=1, sd=sd)
+    losses = [summary["concepts"][TOKEN]["losses"][r] for r in runs]
+    assert all(np.isfinite(losses))
+    assert losses[0] == losses[1]  # the same vectors, the same draws: the same loss, to the bit
+    assert losses[2] != losses[0]  # text_encoder_2's rows are read too
+    assert losses[3] != losses[0]
+    (kept,) = embedding_files.read(tmp_path / "picked" / "learned_embeds.safetensors")
+    assert kept.vectors["text_encoder_2"].shape[0] == (1 if np.argmin(losses) == 3 else 2)
