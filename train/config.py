@@ -161,6 +161,11 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
+    @classmethod
+    def from_yaml(cls, text: str) -> TrainConfig:
+        """A run's saved config.yaml (`to_yaml`) read back as it was written, without defaults or checks."""
+        return cls(**yaml.safe_load(text))
+
 
 def _float_fields(cls: type) -> list[str]:
     return [name for name, hint in typing.get_type_hints(cls).items() if float in _allowed(hint)[0]]

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from tix import fs
 from tix.embedding_files import safe_stem
@@ -41,18 +40,11 @@ def read_references(folder: fs.PathLike) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(im) for im in images if im is not None)
 
 
-def exported_embeddings(run: fs.Path) -> fs.Path:
-    """The file or folder a finished run exported its tokens to."""
-    for exported in (run / "learned_embeds.safetensors", run / "embeddings"):
-        if fs.exists(exported):
-            return exported
-    raise TixError(f"{run}: no learned_embeds.safetensors or embeddings/ yet; the run has not finished (resume it "
-                   "with `tix invert --resume`) or pass an exported embedding file")
-
-
 def run_subjects(sd: StableDiffusion, run: fs.Path) -> list[Subject]:
     """A run folder's concepts, their learned tokens added to `sd`, with the run's training images."""
-    cfg = TrainConfig(**yaml.safe_load(fs.read_text(run / "config.yaml")))
+    from train.invert import exported_embeddings
+
+    cfg = TrainConfig.from_yaml(fs.read_text(run / "config.yaml"))
     exported = exported_embeddings(run)
     names = set(sd.load_embeddings(exported))
     subjects = []

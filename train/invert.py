@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 import tix
 from tix import fs, library, parallel, templates
@@ -74,7 +73,7 @@ def _check_out(cfg: TrainConfig) -> tuple[fs.Path, TrainConfig]:
                 f"{out} already holds a run; pass --resume to continue it, --overwrite to start it again, "
                 "or choose another --out"
             )
-        started = TrainConfig(**yaml.safe_load(fs.read_text(saved)))
+        started = TrainConfig.from_yaml(fs.read_text(saved))
         if cfg.concepts_per_step is None:
             # Left to tix: the waves (and so the checkpoints) depend on the number chosen at the start, which
             # another device or a changed memory estimate could choose differently now.
@@ -556,15 +555,31 @@ def _train_wave(context: _RunContext, compiled, state: TrainState, frozen, table
     return state, loss, progress.rate
 
 
-def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, learned: dict[str, dict[str, np.ndarray]]) -> None:
+def write_embeddings(out: fs.Path, concepts: list[Any]) -> None:
+    """A run's exports in diffusers format: one concept as learned_embeds.safetensors (what diffusers' examples
+    write), several as embeddings/, a file per token (`exported_embeddings` finds either)."""
     from tix import embedding_files
 
-    made = library.run_provenance(sd, cfg)  # steps and model, so the files say what the run's library says
-    concepts = [embedding_files.Concept(token, vectors, made) for token, vectors in learned.items()]
     if len(concepts) == 1:
         embedding_files.write(concepts[0], out / "learned_embeds.safetensors", format="diffusers")
     else:
         embedding_files.write(concepts, out / "embeddings", format="diffusers")
+
+
+def exported_embeddings(run: fs.Path) -> fs.Path:
+    """The file or folder a finished run exported its tokens to."""
+    for exported in (run / "learned_embeds.safetensors", run / "embeddings"):
+        if fs.exists(exported):
+            return exported
+    raise TixError(f"{run}: no learned_embeds.safetensors or embeddings/ yet; the run has not finished (resume it "
+                   "with `tix invert --resume`) or pass an exported embedding file")
+
+
+def _export(sd: StableDiffusion, cfg: TrainConfig, out: Path, learned: dict[str, dict[str, np.ndarray]]) -> None:
+    from tix import embedding_files
+
+    made = library.run_provenance(sd, cfg)  # steps and model, so the files say what the run's library says
+    write_embeddings(out, [embedding_files.Concept(token, vectors, made) for token, vectors in learned.items()])
     loss_curve(out)
     prompts = list(validation_prompts(cfg, cfg.style))
     write_html(out, f"tix invert: {', '.join(learned)}", list(learned), prompts)

@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from tix import embedding_files, fs
 from tix.embedding_files import Concept as Embedding
@@ -32,7 +31,7 @@ from tix.pipeline import StableDiffusion
 from tix.schedule import NoiseSchedule
 from train import data
 from train.config import TrainConfig
-from train.evaluate import exported_embeddings
+from train.invert import exported_embeddings, write_embeddings
 from train.step import diffusion_loss
 from train.tables import encode_latents
 
@@ -62,14 +61,10 @@ def chunk_loss(sd: StableDiffusion, params: Any, rows: tuple[jax.Array, ...], x0
 
 
 # ---- the fixed-draw loss of candidate vectors ----------------------------------------------------------------------
-def _count(candidate: Embedding) -> int:
-    return len(next(iter(candidate.vectors.values())))
-
-
 def add_placeholders(sd: StableDiffusion, candidates: Sequence[Embedding]) -> dict[int, str]:
     """One placeholder per vector count among `candidates`; each candidate's vectors are written into its count's
     rows per call, so the rows keep one shape and the loss compiles once."""
-    names = {n: f"<tix-pick-{n}>" for n in sorted({_count(c) for c in candidates})}
+    names = {n: f"<tix-pick-{n}>" for n in sorted({c.num_vectors for c in candidates})}
     for n, name in names.items():
         sd.add_tokens(name, [np.zeros((n, side.width), np.float32) for side in sd.text])
     return names
@@ -88,8 +83,8 @@ def candidate_rows(sd: StableDiffusion, placeholders: dict[int, str], candidate:
     rows = []
     for side in sd.text:
         extra = np.array(side.extra)
-        start = side.added.index(placeholders[_count(candidate)])
-        extra[start:start + _count(candidate)] = candidate.vectors[side.name]
+        start = side.added.index(placeholders[candidate.num_vectors])
+        extra[start:start + candidate.num_vectors] = candidate.vectors[side.name]
         rows.append(jnp.asarray(extra))
     return tuple(rows)
 
@@ -113,7 +108,7 @@ def candidate_losses(sd: StableDiffusion, placeholders: dict[int, str], candidat
     out = []
     for candidate in candidates:
         rows = candidate_rows(sd, placeholders, candidate)
-        ids = sd.tokenize([t.format(placeholders[_count(candidate)]) for t in templates])
+        ids = sd.tokenize([t.format(placeholders[candidate.num_vectors]) for t in templates])
         total = sum(float(loss(sd.params, rows, x0, samples[c:c + CHUNK], timesteps[c:c + CHUNK], key_n,
                                tuple(jnp.asarray(i[c:c + CHUNK]) for i in ids), valid[c:c + CHUNK]))
                     for c in range(0, padded, CHUNK))
@@ -135,7 +130,7 @@ def read_run(folder: fs.PathLike) -> Run:
     if not fs.exists(folder / "config.yaml"):
         raise ConfigError(f"{folder}: not a tix run folder (no config.yaml); give the --out folders of `tix invert` "
                           "runs")
-    cfg = TrainConfig(**yaml.safe_load(fs.read_text(folder / "config.yaml")))
+    cfg = TrainConfig.from_yaml(fs.read_text(folder / "config.yaml"))
     learned = {c.token: c for c in embedding_files.read(exported_embeddings(folder))}
     concepts = {spec.token: data.resolve_concept(spec, cfg) for spec in data.concept_specs(cfg)}
     return Run(folder, cfg, concepts, learned)
@@ -216,7 +211,6 @@ def pick_runs(folders: Sequence[fs.PathLike], out: fs.PathLike, *, repeats: int 
         picked.append(runs[best].learned[token])
         summary["concepts"][token] = {"picked": str(runs[best].folder),
                                       "losses": {str(r.folder): float(x) for r, x in zip(runs, losses, strict=True)}}
-    target = out / "learned_embeds.safetensors" if len(picked) == 1 else out / "embeddings"
-    embedding_files.write(picked if len(picked) > 1 else picked[0], target, format="diffusers")
+    write_embeddings(out, picked)
     fs.write_text(out / "pick.json", json.dumps(summary, indent=2) + "\n")
     return summary
