@@ -301,6 +301,34 @@ def training_timesteps(key: jax.Array, shape: tuple[int, ...], num_train_timeste
     return jnp.minimum(t, num_train_timesteps - 1).astype(jnp.int32)
 
 
+def stratified_timesteps(key: jax.Array, levels: int, per_level: int, num_train_timesteps: int) -> jax.Array:
+    """[levels x per_level] int32 timesteps, level-major: `per_level` uniform draws in each of `levels` equal spans of
+    the schedule, so no span is missed by chance."""
+    level = jnp.repeat(jnp.arange(levels), per_level)
+    return level_timesteps(level, jax.random.uniform(key, level.shape), levels, num_train_timesteps)
+
+
+def level_timesteps(level: jax.Array, u: jax.Array, levels: int, num_train_timesteps: int) -> jax.Array:
+    """The timestep at fraction `u` in [0, 1) of span `level` of `levels` equal spans of the schedule."""
+    return jnp.minimum(((level + u) * (num_train_timesteps / levels)).astype(jnp.int32), num_train_timesteps - 1)
+
+
+def level_of(t: jax.Array, levels: int, num_train_timesteps: int) -> jax.Array:
+    """The span (0 .. levels-1) of `stratified_timesteps` that each timestep falls in."""
+    return jnp.minimum(jnp.asarray(t) * levels // num_train_timesteps, levels - 1)
+
+
+def balanced_level_weight(level_loss: jax.Array, t: jax.Array, num_train_timesteps: int) -> jax.Array:
+    """Per-sample loss weight [K*b], rows concept-major: 1 / concept k's reference loss [K, levels] at the sample's
+    level (`level_of`), scaled so each concept's weights average 1 over the levels, so its loss keeps the plain
+    loss's size and the learning rate and gradient clipping mean what they meant (`train.level_balance`)."""
+    num_k, levels = level_loss.shape
+    inverse = 1.0 / jnp.maximum(level_loss, 1e-12)
+    inverse = inverse / jnp.mean(inverse, axis=1, keepdims=True)
+    concept = jnp.repeat(jnp.arange(num_k), t.shape[0] // num_k)
+    return inverse[concept, level_of(t, levels, num_train_timesteps)]
+
+
 def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), float32 [B]."""
     alpha_bar = jnp.asarray(schedule.alphas_cumprod)[jnp.asarray(t)]

@@ -30,6 +30,7 @@ from tix import disk_cache, parallel
 from tix.errors import ConfigError, TixError
 from tix.models import platform
 from train import cost
+from train.level_balance import LEVELS
 from train.step import Layout, StepConfig, Tables, TrainState, optimizer_program, train_step
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def abstract_args(
         seeds=spec((k,), jnp.uint32, rows), weight=spec((k,), jnp.float32, rows),
         n_vectors=spec((k,), jnp.int32, rows),
         init_vectors=tuple(spec((k, shapes.n_max, side.width), jnp.float32, rows) for side in sd.text),
+        level_loss=spec((k, LEVELS), jnp.float32, rows),
     )
     return state, frozen, tables
 

@@ -63,6 +63,9 @@ class TrainConfig:
     # >0: draw timesteps with density ~ (t / T)^bias, the noisy end more often (0: uniform, the paper's); see
     # tix.schedule.training_timesteps
     timestep_bias: float = 0.0
+    # each sample's loss divided by the frozen model's loss at its noise level (a tenth of the schedule) with the
+    # initial vectors, so every level counts alike; see train.level_balance
+    balance_noise_levels: bool = False
     # the paper's variants (its Fig. 10), all off by default
     init_reg: float = 0.0  # >0: loss += init_reg x mean over a concept's vectors of ||v - v0||^2 (v0: initial value)
     progressive_every: int = 0  # >0: start with one vector, switch on one more every N steps up to `vectors`
@@ -132,6 +135,9 @@ class TrainConfig:
         if self.timestep_bias < 0:
             raise ConfigError(f"timestep_bias={self.timestep_bias} must be >= 0 (0 draws timesteps uniformly; 1 makes "
                               "the noisiest twice as likely as the middle ones)")
+        if self.balance_noise_levels and self.min_snr_gamma is not None:
+            raise ConfigError(f"balance_noise_levels and min_snr_gamma={self.min_snr_gamma} both weigh the noise "
+                              "levels' losses: choose one (--set min_snr_gamma=null, or balance_noise_levels=false)")
         if self.init_reg < 0:
             raise ConfigError(f"init_reg={self.init_reg} must be >= 0 (0 turns the pull toward the init word off)")
         if self.progressive_every < 0:

@@ -25,7 +25,7 @@ from tix.embedding_files import output_stems
 from tix.errors import ConfigError, TixError
 from tix.models.clip import token_table
 from tix.pipeline import StableDiffusion
-from train import compile_plan, data
+from train import compile_plan, data, level_balance
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.loop import Hook, run_steps
@@ -280,6 +280,7 @@ def _step_settings(cfg: TrainConfig, resolution: int) -> tuple[StepConfig, Any]:
         cfg.batch_size, cfg.grad_accum, cfg.flip_p, cfg.min_snr_gamma, cfg.max_grad_norm, resolution,
         init_reg=cfg.init_reg, progressive_every=cfg.progressive_every,
         per_image_mix=cfg.per_image_mix if cfg.per_image_tokens else 0.0, timestep_bias=cfg.timestep_bias,
+        balance_levels=cfg.balance_noise_levels,
     )
     return step_cfg, optimizer
 
@@ -375,6 +376,9 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     with requests, contextlib.closing(metrics_log):
         for w, wave in enumerate(waves):
             state, tables, files = place_wave(sd, cfg, wave, shapes, resolution, mesh, optimizer)
+            if step_cfg.balance_levels:  # from the initial vectors, before any checkpoint is restored
+                tables = tables._replace(level_loss=level_balance.reference_losses(
+                    sd, step_cfg, frozen, tables, state.vectors, layout))
             files_read += files
             ckpt = Checkpoints(out / "checkpoints" / f"wave-{w:03d}", cfg.keep_checkpoints)
             tokens = [p.concept.token for p in wave]

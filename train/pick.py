@@ -28,7 +28,7 @@ from tix import embedding_files, fs
 from tix.embedding_files import Concept as Embedding
 from tix.errors import ConfigError, TixError
 from tix.pipeline import StableDiffusion
-from tix.schedule import NoiseSchedule
+from tix.schedule import NoiseSchedule, stratified_timesteps
 from train import data
 from train.config import TrainConfig
 from train.invert import exported_embeddings, write_embeddings
@@ -44,10 +44,7 @@ CHUNK = 8  # samples per UNet call: hundreds of 512 px samples at once would not
 # ---- pure functions ----------------------------------------------------------------------------------------------
 def fixed_timesteps(schedule: NoiseSchedule, samples_per_bucket: int, key: jax.Array) -> jax.Array:
     """[BUCKETS x samples_per_bucket] timesteps, bucket-major: `samples_per_bucket` uniform draws in each tenth."""
-    total = schedule.num_train_timesteps
-    bucket = jnp.repeat(jnp.arange(BUCKETS), samples_per_bucket)
-    u = jax.random.uniform(key, bucket.shape)
-    return jnp.minimum(((bucket + u) * (total / BUCKETS)).astype(jnp.int32), total - 1)
+    return stratified_timesteps(key, BUCKETS, samples_per_bucket, schedule.num_train_timesteps)
 
 
 def chunk_loss(sd: StableDiffusion, params: Any, rows: tuple[jax.Array, ...], x0: jax.Array, sample: jax.Array,
@@ -151,7 +148,7 @@ def _check_comparable(runs: Sequence[Run]) -> list[str]:
             if getattr(run.cfg, field) != getattr(first.cfg, field):
                 raise ConfigError(f"{run.folder} and {first.folder} differ in {field} ({getattr(run.cfg, field)} and "
                                   f"{getattr(first.cfg, field)}); pick compares runs of one model at one resolution")
-    for field in ("timestep_bias", "min_snr_gamma"):
+    for field in ("timestep_bias", "min_snr_gamma", "balance_noise_levels"):
         values = [getattr(r.cfg, field) for r in runs]
         if len(set(values)) > 1:
             log.warning("the runs differ in %s (%s): the pick weighs every timestep alike, as default training does, "

@@ -35,6 +35,9 @@ class Tables(NamedTuple):
     # Needed by the variants only (progressive_every, init_reg); `train.invert` always fills them.
     n_vectors: jax.Array | None = None  # [K] int32: the concept's own vectors (rows 0..n-1), then per-image tokens
     init_vectors: tuple[jax.Array, ...] | None = None  # per text encoder [K, n, D]: the rows' starting values
+    # Read with `balance_levels` only: [K, levels] the frozen model's loss per tenth at the initial vectors
+    # (`train.level_balance`); `train.invert` fills ones otherwise, so both settings compile the same arguments.
+    level_loss: jax.Array | None = None
 
 
 class TrainState(NamedTuple):
@@ -56,6 +59,7 @@ class StepConfig(NamedTuple):
     progressive_every: int = 0  # >0: a concept's vectors switch on one by one, every this many steps
     per_image_mix: float = 0.0  # probability that a sample's prompt also names its image's own token
     timestep_bias: float = 0.0  # >0: timesteps drawn with density ~ (t / T)^bias (`tix.schedule.training_timesteps`)
+    balance_levels: bool = False  # each sample's loss divided by the table's loss at its level (`train.level_balance`)
 
 
 def clip_per_concept(max_norm: float) -> optax.GradientTransformation:
@@ -200,7 +204,7 @@ def init_regulariser(vectors: tuple[jax.Array, ...], init: tuple[jax.Array, ...]
     return jnp.sum(sq * used, axis=1) / jnp.maximum(jnp.sum(used, axis=1), 1.0)
 
 
-def _draw_on_devices(tables: Tables, cfg: StepConfig, num_train_timesteps: int, key_step: jax.Array, layout: Layout):
+def draw_on_devices(tables: Tables, cfg: StepConfig, num_train_timesteps: int, key_step: jax.Array, layout: Layout):
     from tix.parallel import DATA_AXES
 
     draw = partial(draw_batch, cfg=cfg, num_train_timesteps=num_train_timesteps)
@@ -253,7 +257,7 @@ def loss_fn(
     """(total loss, per-concept losses). Total = sum over concepts of weight_k x loss of concept k: its mean
     diffusion loss, plus `cfg.init_reg` x `init_regulariser`. `active` [K]: vectors in use (default: all)."""
     num_k = tables.n_images.shape[0]
-    latents, noise, t, ids = _draw_on_devices(tables, cfg, sd.schedule.num_train_timesteps, key_step, layout)
+    latents, noise, t, ids = draw_on_devices(tables, cfg, sd.schedule.num_train_timesteps, key_step, layout)
     active = tables.n_vectors if active is None else active
     if cfg.progressive_every:  # a separate pass over the drawn ids: the diffusion loss below is the plain one
         per_row = (jnp.repeat(tables.n_vectors, cfg.batch_size), jnp.repeat(active, cfg.batch_size))
@@ -263,6 +267,8 @@ def loss_fn(
     per_sample = diffusion_loss(sd, frozen, rows, sd.scale_latents(latents), noise, t, ids)
     if cfg.min_snr_gamma:
         per_sample = per_sample * sched.min_snr_weight(sd.schedule, t, cfg.min_snr_gamma)
+    if cfg.balance_levels:
+        per_sample = per_sample * sched.balanced_level_weight(tables.level_loss, t, sd.schedule.num_train_timesteps)
     per_concept = per_sample.reshape(num_k, cfg.batch_size).mean(axis=1)
     if cfg.init_reg:
         per_concept = per_concept + cfg.init_reg * init_regulariser(vectors, tables.init_vectors, active)

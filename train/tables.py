@@ -17,6 +17,7 @@ from tix.pipeline import StableDiffusion
 from train import data
 from train.compile_plan import Shapes
 from train.config import TrainConfig
+from train.level_balance import LEVELS
 from train.step import Tables
 
 
@@ -112,6 +113,7 @@ def wave_tables(sd: StableDiffusion, cfg: TrainConfig, wave: list[Prepared], sha
         weight=np.array([q["weight"] for q in parts], np.float32),
         n_vectors=np.array([q["n_vectors"] for q in parts], np.int32),
         init_vectors=tuple(np.stack([q["init_vectors"][e] for q in parts]) for e in range(len(sd.text))),
+        level_loss=np.ones((len(parts), LEVELS), np.float32),  # measured on the devices when asked for
     )
     return tables, [f for q in parts for f in q["files"]]
 
