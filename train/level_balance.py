@@ -1,14 +1,16 @@
 """Balanced noise levels (`--set balance_noise_levels=true`): each sample's loss divided by the loss the frozen model
 has at its noise level with the concept's initial vectors, so every level counts alike.
 
-Why: the epsilon loss is about fifty times larger at the cleanest tenth of the schedule than at the noisiest, yet
+Why: the epsilon loss is tens of times larger at the cleanest tenth of the schedule than at the noisiest, yet
 what a concept's vector must settle at the noisy end (its colour and layout) is a large share of the small loss
 there. On the toy world, "a yellow dotted triangle" beats "a dotted triangle" by 23% of the loss in the noisiest
 tenth and by 0.1% in the cleanest; under the plain loss one vector learned the shape and the pattern of the yellow
 dotted triangle and left its colour to chance in most runs. Drawing the noisy steps more often (`timestep_bias`)
 shifts the balance too far and loses the patterns the middle levels settle; dividing by each level's own scale
 keeps every level. The idea is EDM2's (Karras et al. 2024), which learns the per-level scale; here the model is
-frozen, so its loss at the initial vectors measures the scale once, before the first step.
+frozen, so its loss at the initial vectors measures the scale once, before the first step. On the toy world's random
+named concepts it learned that triangle's colour in every draw but traded a few other concepts, and the pooled gain
+(+0.02 reconstruction, +0.03 editability) is inside its interval, so it is off by default (README).
 
 The reference is a pure function of a concept's images, prompts, seed and initial vectors, so `--resume` recomputes
 the same table and continues bit for bit.
