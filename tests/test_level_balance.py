@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train import _cli, _invert_args, _vectors, make_concept
+from tests.test_train import make_concept, one_and_eight_devices
 from tests.test_variants import _stand_in_step, _variant_cfg
-from tests.xla_flags import with_devices
 from tix.schedule import balanced_level_weight, level_of
 from train.level_balance import LEVELS, reference_losses
 from train.step import diffusion_loss, draw_batch, loss_fn
@@ -113,14 +112,7 @@ def test_a_balanced_run_differs_from_a_plain_one_and_resumes_bit_for_bit(tmp_pat
 
 
 def test_one_and_eight_devices_agree_with_balanced_levels(tmp_path, tiny_dirs, images):
-    outs = {}
-    for n in (1, 8):
-        args = [*_invert_args(tiny_dirs("sd1"), images, tmp_path / f"d{n}", 4), "--set", "balance_noise_levels=true"]
-        proc = _cli(args, env={"XLA_FLAGS": with_devices(n), "JAX_PLATFORMS": "cpu"})
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out
-        outs[n] = _vectors(tmp_path / f"d{n}")
-    rel = np.abs(outs[1] - outs[8]).max() / np.abs(outs[1]).max()
+    rel = one_and_eight_devices(tmp_path, tiny_dirs("sd1"), images, 4, ["--set", "balance_noise_levels=true"])
     print(f"1 vs 8 devices, balanced levels: max relative difference {rel:.2e}")
     assert rel < 1e-5
 

@@ -144,15 +144,21 @@ def _vectors(run_dir):
     return read(Path(run_dir) / "learned_embeds.safetensors")[0].vectors["text_encoder"]
 
 
-def test_one_and_eight_devices_agree(tmp_path, tiny_dirs, images):
+def one_and_eight_devices(tmp_path, model, images, steps, extra=()) -> float:
+    """The largest difference, relative to the largest value, between the vectors of the same CLI run on 1 and 8
+    simulated devices."""
     outs = {}
     for n in (1, 8):
-        proc = _cli(_invert_args(tiny_dirs("sd1"), images, tmp_path / f"d{n}", 8),
+        proc = _cli([*_invert_args(model, images, tmp_path / f"d{n}", steps), *extra],
                     env={"XLA_FLAGS": with_devices(n), "JAX_PLATFORMS": "cpu"})
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out
         outs[n] = _vectors(tmp_path / f"d{n}")
-    rel = np.abs(outs[1] - outs[8]).max() / np.abs(outs[1]).max()
+    return float(np.abs(outs[1] - outs[8]).max() / np.abs(outs[1]).max())
+
+
+def test_one_and_eight_devices_agree(tmp_path, tiny_dirs, images):
+    rel = one_and_eight_devices(tmp_path, tiny_dirs("sd1"), images, 8)
     print(f"1 vs 8 devices: max relative difference {rel:.2e}")
     assert rel < 1e-5
 
