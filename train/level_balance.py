@@ -10,7 +10,8 @@ shifts the balance too far and loses the patterns the middle levels settle; divi
 keeps every level. The idea is EDM2's (Karras et al. 2024), which learns the per-level scale; here the model is
 frozen, so its loss at the initial vectors measures the scale once, before the first step. On the toy world's random
 named concepts it learned that triangle's colour in every draw but traded a few other concepts, and the pooled gain
-(+0.02 reconstruction, +0.03 editability) is inside its interval, so it is off by default (README).
+(+0.02 reconstruction, +0.03 editability) is inside its interval; on the benchmark's fixed list it did worse than
+the plain loss. So it is off by default (README).
 
 The reference is a pure function of a concept's images, prompts, seed and initial vectors, so `--resume` recomputes
 the same table and continues bit for bit.
