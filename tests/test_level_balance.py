@@ -8,7 +8,7 @@ import pytest
 from tests.test_train import make_concept, one_and_eight_devices
 from tests.test_variants import _stand_in_step, _variant_cfg
 from tix.schedule import balanced_level_weight, level_of
-from train.level_balance import LEVELS, reference_losses
+from train.level_balance import LEVELS, reference_function
 from train.step import diffusion_loss, draw_batch, loss_fn
 
 
@@ -51,15 +51,15 @@ def test_the_step_weighs_each_sample_by_its_concepts_reference():
 def test_the_reference_is_each_concepts_own_reproducible_and_reads_the_vectors():
     sd, cfg, tables, vectors = _stand_in_step(counts=(3, 3))
     params = {"table": sd.table}
-    ref = np.asarray(reference_losses(sd, cfg, params, tables, vectors))
+    ref = np.asarray(reference_function(sd, cfg)(params, tables, vectors))
     assert ref.shape == (2, LEVELS) and np.all(np.isfinite(ref)) and np.all(ref > 0)
-    np.testing.assert_array_equal(ref, np.asarray(reference_losses(sd, cfg, params, tables, vectors)))
+    np.testing.assert_array_equal(ref, np.asarray(reference_function(sd, cfg)(params, tables, vectors)))
     # Concept 0 alone draws what it draws next to concept 1 (its images, prompts and noise are its own).
     sd1, cfg1, tables1, vectors1 = _stand_in_step(counts=(3,))
-    np.testing.assert_allclose(np.asarray(reference_losses(sd1, cfg1, params, tables1, vectors1))[0], ref[0],
+    np.testing.assert_allclose(np.asarray(reference_function(sd1, cfg1)(params, tables1, vectors1))[0], ref[0],
                                rtol=1e-6)
     moved = (vectors[0] + 1.0,)
-    assert np.abs(np.asarray(reference_losses(sd, cfg, params, tables, moved)) - ref).max() > 1e-3
+    assert np.abs(np.asarray(reference_function(sd, cfg)(params, tables, moved)) - ref).max() > 1e-3
 
 
 def test_on_the_toy_model_the_clean_levels_loss_dwarfs_the_noisy_ones(tmp_path):
@@ -82,7 +82,7 @@ def test_on_the_toy_model_the_clean_levels_loss_dwarfs_the_noisy_ones(tmp_path):
     tables, _ = wave_tables(sd, cfg, prepared, shapes, resolution, range(shapes.slots))
     step_cfg, _ = _step_settings(cfg, resolution)
     vectors = initial_vectors(sd, prepared, shapes.slots, shapes.n_max)
-    ref = np.asarray(reference_losses(sd, step_cfg, sd.params, tables, vectors))[0]
+    ref = np.asarray(reference_function(sd, step_cfg)(sd.params, tables, vectors))[0]
     print("reference per tenth:", " ".join(f"{r:.4f}" for r in ref))
     assert ref[0] > 20 * ref[-1]
     assert np.all(np.diff(ref[:8]) < 0)  # falling level by level over the first eight tenths

@@ -365,6 +365,8 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
     layout = Layout(mesh, shapes.sharded_tables)
     step_fn = compile_plan.step_function(sd, step_cfg, optimizer, layout)
     step_key = compile_plan.step_description(sd, step_cfg, _optimizer_settings(cfg), layout)
+    if step_cfg.balance_levels:
+        measure_levels = level_balance.reference_function(sd, step_cfg, layout, table_sharding(mesh, shapes))
     waves = [prepared[i:i + wave_size] for i in range(0, len(prepared), wave_size)]
     metrics_log = MetricsLog(out, enabled=is_main)
     compiled = None
@@ -377,8 +379,7 @@ def run(cfg: TrainConfig, sd: StableDiffusion | None = None, *, progress: bool =
         for w, wave in enumerate(waves):
             state, tables, files = place_wave(sd, cfg, wave, shapes, resolution, mesh, optimizer)
             if step_cfg.balance_levels:  # from the initial vectors, before any checkpoint is restored
-                tables = tables._replace(level_loss=level_balance.reference_losses(
-                    sd, step_cfg, frozen, tables, state.vectors, layout))
+                tables = tables._replace(level_loss=measure_levels(frozen, tables, state.vectors))
             files_read += files
             ckpt = Checkpoints(out / "checkpoints" / f"wave-{w:03d}", cfg.keep_checkpoints)
             tokens = [p.concept.token for p in wave]
@@ -426,15 +427,20 @@ def place_frozen(sd: StableDiffusion, mesh: Any) -> Any:
     return parallel.put(sd.params, parallel.fsdp_shardings(sd.params, mesh))
 
 
+def table_sharding(mesh: Any, shapes: compile_plan.Shapes) -> Any:
+    """Where a wave's tables sit: split over the concepts, or replicated (`Layout.sharded_tables`)."""
+    return parallel.batch_sharded(mesh) if shapes.sharded_tables else parallel.replicated(mesh)
+
+
 def place_wave(sd: StableDiffusion, cfg: TrainConfig, wave: list[Prepared], shapes: compile_plan.Shapes,
                resolution: int, mesh: Any, optimizer: Any) -> tuple[TrainState, Any, list[fs.Path]]:
     """A wave's initial train state and its tables on the devices, as the compiled step takes them (this process
     decodes only the images of the slots its devices hold); and the image files it decoded."""
-    table_sharding = parallel.batch_sharded(mesh) if shapes.sharded_tables else parallel.replicated(mesh)
-    owned = range(*parallel.process_rows(shapes.slots, table_sharding))
+    sharding = table_sharding(mesh, shapes)
+    owned = range(*parallel.process_rows(shapes.slots, sharding))
     local, files = wave_tables(sd, cfg, wave, shapes, resolution, owned)
     tables = jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(table_sharding, x, (shapes.slots, *x.shape[1:])), local
+        lambda x: jax.make_array_from_process_local_data(sharding, x, (shapes.slots, *x.shape[1:])), local
     )
     vectors = initial_vectors(sd, wave, shapes.slots, shapes.n_max)
     state = TrainState(vectors, optimizer.init(vectors), np.zeros((), np.int32))

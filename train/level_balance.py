@@ -19,6 +19,7 @@ the same table and continues bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -51,14 +52,18 @@ def _level_sums(sd: StableDiffusion, cfg: StepConfig, frozen: Any, tables: Table
     return per_sample @ jax.nn.one_hot(level, LEVELS, dtype=per_sample.dtype)
 
 
-def reference_losses(sd: StableDiffusion, cfg: StepConfig, frozen: Any, tables: Tables,
-                     vectors: tuple[jax.Array, ...], layout: Layout = SINGLE_DEVICE) -> jax.Array:
-    """[K, LEVELS] each concept's mean diffusion loss per tenth of the schedule at `vectors` (the initial ones),
-    over at least `REPEATS` draws per level of its own images, prompts and noise."""
+def reference_function(sd: StableDiffusion, cfg: StepConfig, layout: Layout = SINGLE_DEVICE,
+                       sharding: Any = None) -> Callable[[Any, Tables, tuple[jax.Array, ...]], jax.Array]:
+    """measure(frozen, tables, vectors) -> [K, LEVELS]: each concept's mean diffusion loss per tenth of the schedule
+    at `vectors` (the initial ones), over at least `REPEATS` draws per level of its own images, prompts and noise,
+    placed with `sharding` (the compiled step's for its tables). Built once per run, so every wave reuses one
+    compilation."""
     calls = -(-LEVELS * REPEATS // cfg.batch_size)
     counts = np.bincount(np.arange(calls * cfg.batch_size) % LEVELS, minlength=LEVELS).astype(np.float32)
     sums = jax.jit(partial(_level_sums, sd, cfg, layout=layout))
-    parts = [sums(frozen, tables, vectors, jnp.int32(c)) for c in range(calls)]
-    # Placed as the compiled step expects its table (replicated, or split over concepts like the other tables).
-    sharding = tables.level_loss.sharding if isinstance(tables.level_loss, jax.Array) else None
-    return jax.jit(lambda p: sum(p) / counts, out_shardings=sharding)(parts)
+    mean = jax.jit(lambda parts: sum(parts) / counts, out_shardings=sharding)
+
+    def measure(frozen: Any, tables: Tables, vectors: tuple[jax.Array, ...]) -> jax.Array:
+        return mean([sums(frozen, tables, vectors, jnp.int32(c)) for c in range(calls)])
+
+    return measure

@@ -6,8 +6,8 @@ for every run, so a difference between runs is their vectors' and not the draws'
 Why: one vector's result on a concept can hang on its optimisation. On the toy world the yellow dotted triangle is
 learned at twice the default rate and missed at the default, while two circles go the other way, and this loss
 picks the better run in each case (README, toy world, random draw) at a fraction of what sampling them would cost.
-The draws weigh every timestep alike, as default training does: a run trained with `timestep_bias` or
-`min_snr_gamma` optimised another weighting and is judged by one it did not train for.
+The draws weigh every timestep alike, as default training does: a run trained with `timestep_bias`,
+`min_snr_gamma` or `balance_noise_levels` optimised another weighting and is judged by one it did not train for.
 """
 
 from __future__ import annotations
