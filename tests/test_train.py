@@ -288,8 +288,22 @@ def test_bad_inputs_name_the_problem(tmp_path, tiny_dirs, images):
         run(_cfg(tmp_path, model, images, resolution=30, out=str(tmp_path / "r4")), progress=False)
     with pytest.raises(ConfigError, match="batch_size"):
         run(_cfg(tmp_path, model, images, batch_size=0, out=str(tmp_path / "r5")), progress=False)
-    with pytest.raises(ConfigError, match="--vectors"):
-        run(_cfg(tmp_path, model, images, init="red cat", out=str(tmp_path / "r6")), progress=False)
+
+
+def test_more_initializer_words_than_vectors_start_from_their_means(tiny_dirs):
+    import tix
+    from tix.models.clip import token_table
+    from train.invert import init_vectors
+
+    sd = tix.load(tiny_dirs("sdxl"))
+    words = ["red", "cat", "dog"]
+    for side, one, two, cycled in zip(sd.text, init_vectors(sd, "red cat dog", 1), init_vectors(sd, "red cat dog", 2),
+                                      init_vectors(sd, "red cat", 3), strict=True):
+        table = np.asarray(token_table(sd.params[side.name]), np.float32)
+        rows = {w: table[side.tokenizer(w, add_special_tokens=False).input_ids[0]] for w in words}
+        np.testing.assert_allclose(one[0], (rows["red"] + rows["cat"] + rows["dog"]) / 3, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(two, [(rows["red"] + rows["cat"]) / 2, rows["dog"]], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(cycled, [rows["red"], rows["cat"], rows["red"]])
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_dirs, images):

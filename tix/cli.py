@@ -290,7 +290,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--images", help="folder of 3-5 images of one concept")
     i.add_argument("--token", help="the placeholder to learn, e.g. '<my-cat>'")
     i.add_argument("--concepts", help="folder with one subfolder of images per concept")
-    i.add_argument("--init", help="initializer word(s), e.g. 'cat'")
+    i.add_argument("--init", help="initializer word(s), e.g. 'cat'; more words than vectors start each vector at "
+                   "the mean of its share ('red sports car' into one vector)")
     i.add_argument("--out")
     i.add_argument("--vectors", type=int)
     i.add_argument("--style", action="store_true", help="learn a style (style templates, init 'painting')")

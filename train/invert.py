@@ -126,25 +126,28 @@ def _claim_out(cfg: TrainConfig, out: fs.Path) -> None:
 
 
 def init_vectors(sd: StableDiffusion, init: str, n: int) -> list[np.ndarray]:
-    """Per text encoder, [n, D] rows of the initializer word(s), cycled over the n vectors."""
+    """Per text encoder, [n, D] rows of the initializer word(s): cycled over the n vectors when there are fewer words
+    than vectors; with more, the words are split in n runs and each vector starts at the mean of its run's rows
+    ("yellow dotted triangle" into one vector), so a concept that several words describe can start from all of them."""
     words = init.split()
-    if len(words) > n:
-        raise ConfigError(f"initializer {init!r} has {len(words)} words but the token has {n} vectors; "
-                          f"use --vectors {len(words)} or a single word")
+    groups = [list(g) for g in np.array_split(np.arange(len(words)), n)] if len(words) > n else \
+        [[j % len(words)] for j in range(n)]
     out = []
     for side in sd.text:
-        ids = []
-        for word in words:
-            pieces = side.tokenizer(word, add_special_tokens=False).input_ids
-            if len(pieces) != 1 or pieces[0] >= side.vocab_size:
-                raise ConfigError(
-                    f"initializer word {word!r} is not a single token of the {side.name} vocabulary (it splits into "
-                    f"{len(pieces)} pieces); choose a common word that describes the concept, e.g. 'cat' or 'toy'"
-                )
-            ids.append(pieces[0])
+        ids = [_single_token(side, word) for word in words]
         table = np.asarray(token_table(sd.params[side.name]), np.float32)
-        out.append(np.stack([table[ids[j % len(ids)]] for j in range(n)]))
+        out.append(np.stack([table[[ids[i] for i in group]].mean(axis=0) for group in groups]))
     return out
+
+
+def _single_token(side, word: str) -> int:
+    pieces = side.tokenizer(word, add_special_tokens=False).input_ids
+    if len(pieces) != 1 or pieces[0] >= side.vocab_size:
+        raise ConfigError(
+            f"initializer word {word!r} is not a single token of the {side.name} vocabulary (it splits into "
+            f"{len(pieces)} pieces); choose a common word that describes the concept, e.g. 'cat' or 'toy'"
+        )
+    return pieces[0]
 
 
 def word_norms(sd: StableDiffusion) -> tuple[float, ...]:
