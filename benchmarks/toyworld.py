@@ -104,9 +104,10 @@ def concept_seeds(concepts: list[world.Concept], seed: int) -> dict[str, int]:
 
 
 def write_concepts(root: Path, concepts: list[world.Concept], methods: list[str], images: int,
-                   seeds: dict[str, int], repeats: int = 1, shared: tuple[str, ...] = ()) -> None:
+                   seeds: dict[str, int], repeats: int = 1, shared: tuple[str, ...] = (), init: str = "word") -> None:
     """One concept folder per (concept, method, draw): the same renders, with the method's vector count and the
-    concept's initializer word in concept.yaml."""
+    concept's initializer in concept.yaml: its initializer word (`init="word"`, the paper's), or for named concepts
+    the words of its long caption (`"caption"`), which tix averages into each vector."""
     for concept in concepts:
         pixels = world.concept_images(concept, images, seeds[concept.name], shared=shared)
         for method, drawn in ((m, d) for m in methods for d in drawn_methods(m, repeats)):
@@ -115,7 +116,8 @@ def write_concepts(root: Path, concepts: list[world.Concept], methods: list[str]
             for i, image in enumerate(pixels):
                 Image.fromarray(image).save(folder / f"{i}.png")
             vectors = TIX_METHODS[method][0]
-            (folder / "concept.yaml").write_text(yaml.safe_dump({"vectors": vectors, "init": concept.initializer}))
+            start = concept.best_caption() if init == "caption" and concept.nameable else concept.initializer
+            (folder / "concept.yaml").write_text(yaml.safe_dump({"vectors": vectors, "init": start}))
 
 
 # Config fields `invert` sets from the benchmark's own flags (or always): --set may not move them, since the paths,
@@ -138,7 +140,7 @@ def invert(model: str, concepts: list[world.Concept], seeds: dict[str, int], out
             learned.update(_reused(out / "runs" / run_name / "tokens"))
             continue
         data = out / "data" / run_name
-        write_concepts(data, concepts, methods, args.images, seeds, args.repeats, tuple(args.shared))
+        write_concepts(data, concepts, methods, args.images, seeds, args.repeats, tuple(args.shared), args.init)
         cfg = load_config(ROOT / "configs" / "toyworld.yaml", {
             "model": model, "concepts": str(data), "out": str(out / "runs" / run_name), "steps": args.steps,
             "batch_size": args.batch, "lr": args.lr, "validate_every": 0, "save_every": args.steps,
@@ -448,6 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     # within about 1 and they drew neither the concept nor the edits (0.06-0.23 on every axis).
     p.add_argument("--init-reg", type=float, default=1e-4, help="init_reg of the regularised run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", choices=("word", "caption"), default="word",
+                   help="where tix tokens start: the concept's initializer word (the paper's), or, for named "
+                        "concepts, the mean of their long caption's words")
     p.add_argument("--shared", nargs="*", default=[], choices=["background", "size", "colour", "pattern"],
                    help="free attributes a concept's training images share (world.concept_images)")
     p.add_argument("--reuse", action="store_true", help="take the vectors of runs already in --out; sample only")

@@ -98,7 +98,7 @@ def test_set_reaches_every_run_and_a_methods_own_setting_wins_and_the_log_counts
     monkeypatch.setattr(train.invert, "run", fake_run)
     concepts = world.sample_concepts(1, 0, seed=3)
     args = argparse.Namespace(methods=["tix-1v", "tix-1v-regularised"], reuse=False, images=2, repeats=1, shared=[],
-                              steps=8, batch=2, lr=0.01, seed=3, init_reg=1e-4,
+                              init="word", steps=8, batch=2, lr=0.01, seed=3, init_reg=1e-4,
                               set=train.config.parse_set(["lr_schedule=cosine", "init_reg=0.5"]))
     bench.invert("toyworld", concepts, bench.concept_seeds(concepts, 3), tmp_path, args)
     assert {name: (cfg.lr_schedule, cfg.init_reg) for name, cfg in seen.items()} == {
@@ -112,3 +112,19 @@ def test_set_reaches_every_run_and_a_methods_own_setting_wins_and_the_log_counts
         bench.main(["--set", "lr=0.5", "--out", str(tmp_path / "out")])
     assert "--set lr: the benchmark sets it itself; use --lr" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_caption_start_is_written_for_named_concepts_only(tmp_path):
+    import yaml
+
+    named = next(c for c in world.benchmark_concepts() if c.nameable)
+    unnamed = next(c for c in world.benchmark_concepts() if not c.nameable)
+    seeds = {named.name: 0, unnamed.name: 1}
+    for init, expected in (("word", (named.initializer, unnamed.initializer)),
+                           ("caption", (named.best_caption(), unnamed.initializer))):
+        bench.write_concepts(tmp_path / init, [named, unnamed], ["tix-1v"], 2, seeds, init=init)
+        written = tuple(yaml.safe_load((tmp_path / init / f"{c.name}@tix-1v" / "concept.yaml").read_text())["init"]
+                        for c in (named, unnamed))
+        assert written == expected
+    assert named.best_caption().split()[-1] == named.initializer  # the caption is more than the start word
+    assert len(named.best_caption().split()) > 2
