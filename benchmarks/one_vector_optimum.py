@@ -11,7 +11,8 @@ is what misses it.
 
     python benchmarks/one_vector_optimum.py yellow_dotted_star --draw 32 --seed 4 [--steps 100] [--lr 0.03]
 
-The images are those `benchmarks/toyworld.py --draw 32 --seed 4` trains on. About 4 minutes per start on 2 cores.
+The images are those `benchmarks/toyworld.py --draw 32 --seed 4` trains on. About 3 minutes per start on 2 cores. Named
+concepts only: the starts are the words that name them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tix.toyworld import evaluate, world  # noqa: E402
 from train.step import diffusion_loss  # noqa: E402
 
 LEVELS = 10
+PLACEHOLDER = "<probe>"  # the token whose row the fitted vector is, in the loss's prompts
 CHUNK = 80  # samples per forward pass: keeps a 2-core machine's memory small
 
 
@@ -100,9 +102,6 @@ def fit(sd: StableDiffusion, loss, start: np.ndarray, draws: Draws, steps: int, 
     return np.asarray(v), curve
 
 
-PLACEHOLDER = "<probe>"
-
-
 def starts(sd: StableDiffusion, concept: world.Concept) -> dict[str, np.ndarray]:
     """The paper's start (the shape word), the mean of the words that name the concept, and the colour word alone."""
     side = sd.text[0]
@@ -117,7 +116,10 @@ def starts(sd: StableDiffusion, concept: world.Concept) -> dict[str, np.ndarray]
             f["colour"]: rows(f["colour"])}
 
 
-def probe(sd: StableDiffusion, concept: world.Concept, image_seed: int, score_seed: int, args) -> dict:
+def probe(sd: StableDiffusion, concept: world.Concept, image_seed: int, score_seed: int,
+          args: argparse.Namespace) -> dict:
+    """Every start's fit and every `--also` vector, measured: {name: held-out loss per tenth, norm, vector, scores,
+    and for fits the loss curve}; "caption" holds the caption's held-out loss."""
     pixels = world.concept_images(concept, args.images, image_seed)
     latents = np.asarray(sd.encode_images(pixels.astype(np.float32) / 127.5 - 1.0))
     total = sd.schedule.num_train_timesteps
@@ -198,6 +200,10 @@ def main() -> None:
     unknown = sorted(set(args.names) - set(by_name))
     if unknown:
         raise SystemExit(f"not in the draw (--draw {args.draw} --seed {args.seed}): {', '.join(unknown)}")
+    unnamed = [name for name in args.names if not by_name[name].nameable]
+    if unnamed:
+        raise SystemExit(f"{', '.join(unnamed)}: no words name these concepts, so there is no caption to compare "
+                         "with or words to start from; give named concepts")
     sd = tix.load("toyworld")
     sd.add_tokens(PLACEHOLDER, [None] * len(sd.text))
     results = {name: probe(sd, by_name[name], seeds[name], args.seed, args) for name in args.names}
