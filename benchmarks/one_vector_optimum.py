@@ -36,9 +36,9 @@ import tix  # noqa: E402
 from benchmarks import toyworld as bench  # noqa: E402
 from tix import schedule as sched  # noqa: E402
 from tix import templates  # noqa: E402
-from tix.models.clip import token_table  # noqa: E402
 from tix.pipeline import StableDiffusion  # noqa: E402
 from tix.toyworld import evaluate, world  # noqa: E402
+from train.invert import init_vectors  # noqa: E402
 from train.step import diffusion_loss  # noqa: E402
 
 LEVELS = 10
@@ -88,13 +88,12 @@ def fit(sd: StableDiffusion, loss, start: np.ndarray, draws: Draws, steps: int, 
     opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
     v = jnp.asarray(start)
     state = opt.init(v)
-    curve = []
+    curve, n = [], len(draws.prompt)
     for step in range(steps):
         total, g = 0.0, jnp.zeros_like(v)
         for chunk in chunks:
             value, g_chunk = grad(v, *chunk)
             total, g = total + float(value), g + g_chunk
-        n = len(draws.prompt)
         updates, state = opt.update(g / n, state, v)
         v = optax.apply_updates(v, updates)
         if step % 25 == 0 or step == steps - 1:
@@ -103,17 +102,13 @@ def fit(sd: StableDiffusion, loss, start: np.ndarray, draws: Draws, steps: int, 
 
 
 def starts(sd: StableDiffusion, concept: world.Concept) -> dict[str, np.ndarray]:
-    """The paper's start (the shape word), the mean of the words that name the concept, and the colour word alone."""
-    side = sd.text[0]
-    table = np.asarray(token_table(sd.params[side.name]), np.float32)
-
-    def rows(*words: str) -> np.ndarray:
-        return table[[sd.tokenize([w])[0][0, 1] for w in words]].mean(0, keepdims=True)
-
+    """The paper's start (the shape word), the mean of the words that name the concept, and the colour word alone,
+    as `tix invert --init` would start one vector from them."""
     f = concept.fixed
-    return {concept.initializer: rows(concept.initializer),
-            f"mean({f['colour']} {f['pattern']} {f['shape']})": rows(f["colour"], f["pattern"], f["shape"]),
-            f["colour"]: rows(f["colour"])}
+    words = {concept.initializer: concept.initializer,
+             f"mean({f['colour']} {f['pattern']} {f['shape']})": f"{f['colour']} {f['pattern']} {f['shape']}",
+             f["colour"]: f["colour"]}
+    return {name: init_vectors(sd, init, 1)[0] for name, init in words.items()}
 
 
 def probe(sd: StableDiffusion, concept: world.Concept, image_seed: int, score_seed: int,
