@@ -5,9 +5,15 @@
 Stage 1 trains the VAE on reconstruction; the latent scaling factor is then set to 1 / std of its latents, as SD's
 was; stage 2 trains the CLIP text encoder and the UNet together with the epsilon loss, on captions from the world
 (10% dropped to "" so classifier-free guidance works). Images are rendered on the fly from per-step seeds, so a run is
-a function of --seed and the step counts. Each stage checkpoints to --work (default /tmp/tix-toyworld-<seed>) and a
+a function of --seed and the step counts. Stage 3 continues stage 2 with a share of the captions' noun phrases
+fed as one blended word (the mean of the words' token rows, `world.blend_noun`), so the text encoder learns what a
+real one knows from words like "ladybug": that one input vector can carry colour, pattern and shape at once. Each
+stage checkpoints to --work (default /tmp/tix-toyworld-<seed>) and a
 rerun with the same arguments resumes where it stopped and skips finished stages. The EMA weights are saved, the UNet
 and VAE in fp16 and the text encoder in fp32 (see `tix.toyworld.model.save_pipeline`).
+
+`--from-pipeline FOLDER` takes stages 1 and 2 from a saved model instead (its erased rows put back into the token
+table) and runs stage 3 on it: that is how the shipped model was made from the one shipped before stage 3 existed.
 
 The defaults (12000 diffusion steps; the pattern was still being learned at 6000) run the diffusion stage at 1.7-1.9
 steps/s on two otherwise idle CPU cores, about 2 hours with the VAE's 270 s; the shipped model's run, sharing its
@@ -24,6 +30,7 @@ import pickle
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -38,7 +45,7 @@ from tix.toyworld import model as M  # noqa: E402
 from tix.toyworld import world  # noqa: E402
 
 # Seed offsets, so the VAE stage, the diffusion stage, the scaling-factor sample and evaluation never share images.
-VAE_DATA, UNET_DATA, SCALE_DATA = 1_000_000, 2_000_000, 3_000_000
+VAE_DATA, UNET_DATA, SCALE_DATA, BLEND_DATA = 1_000_000, 2_000_000, 3_000_000, 4_000_000
 LOG_EVERY = 50
 
 
@@ -57,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0 turns it off")
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--empty-caption", type=float, default=0.1)
+    p.add_argument("--blend-steps", type=int, default=1500, help="stage 3's steps (0: no stage 3)")
+    p.add_argument("--blend-lr", type=float, default=2e-4)
+    p.add_argument("--blend-share", type=float, default=0.3,
+                   help="share of stage 3's captions whose noun phrase is one blended word")
+    p.add_argument("--from-pipeline", type=Path, default=None, metavar="FOLDER",
+                   help="take stages 1 and 2 from this saved model (e.g. a copy of the shipped one) and run stage 3")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-images", type=int, default=8, help="images per evaluation prompt (0: no evaluation)")
     p.add_argument("--unet", type=json.loads, default={}, help="JSON overrides of the UNet config")
@@ -93,7 +106,11 @@ def _stage_key(args: argparse.Namespace, stage: str) -> str:
     unet = {k: getattr(args, k) for k in ("unet_steps", "unet_batch", "unet_lr", "snr_gamma", "ema", "empty_caption",
                                           "unet", "text")}
     unet.update(unet_config=M.UNET_CONFIG, text_config=M.TEXT_CONFIG, scheduler=M.SCHEDULER_CONFIG)
-    return json.dumps({"vae": vae, "unet": unet}, sort_keys=True, default=str)
+    if stage == "unet":
+        return json.dumps({"vae": vae, "unet": unet}, sort_keys=True, default=str)
+    blend = {k: getattr(args, k) for k in ("blend_steps", "blend_lr", "blend_share", "ema")}
+    base = str(args.from_pipeline) if args.from_pipeline else {"vae": vae, "unet": unet}
+    return json.dumps({"base": base, "blend": blend}, sort_keys=True, default=str)
 
 
 def _fmt(metrics: list[dict]) -> str:
@@ -158,45 +175,107 @@ def finish_vae(models, vae_params, seed: int) -> tuple[dict, float]:
     return vae_params, scale
 
 
-def train_diffusion(args, models, params, vae_params, scale, tokenizer, work: Path) -> dict:
-    key = _stage_key(args, "unet")
-    done = _load(work / "unet_final.pkl", key)
+@dataclass(frozen=True)
+class Stage:
+    """A diffusion stage's settings: stage 2 learns the words, stage 3 blended noun phrases."""
+
+    name: str  # its checkpoint files and settings key
+    title: str
+    steps: int
+    lr: float
+    warmup: int
+    data: int  # seed offset of its images
+    stream: int  # its random stream (noise, timesteps)
+    blend_share: float
+    ema_warmup: bool  # False: the average starts from the stage's start, not from scratch
+
+
+def stages(args: argparse.Namespace) -> tuple[Stage, Stage]:
+    return (Stage("unet", "stage 2 (text encoder + UNet)", args.unet_steps, args.unet_lr, 100, UNET_DATA, 2, 0.0,
+                  True),
+            Stage("blend", "stage 3 (blended noun phrases)", args.blend_steps, args.blend_lr, 50, BLEND_DATA, 3,
+                  args.blend_share, False))
+
+
+def training_captions(captions: list[str], data_seed: int, empty: float, blend_share: float) -> list[str]:
+    """A batch's captions as trained on: some dropped to "" (for classifier-free guidance), some blended."""
+    drop = np.random.default_rng(data_seed).random(len(captions)) < empty
+    captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+    if not blend_share:
+        return captions
+    fuse = np.random.default_rng((data_seed, 1)).random(len(captions)) < blend_share
+    return [world.blend_noun(c) if f else c for c, f in zip(captions, fuse, strict=True)]
+
+
+def train_diffusion(args, stage: Stage, models, trainable, vae_params, scale, tokenizer, work: Path) -> dict:
+    """Train the text encoder and UNet from `trainable` through `stage`; resumes from and writes its checkpoints."""
+    key = _stage_key(args, stage.name)
+    done = _load(work / f"{stage.name}_final.pkl", key)
     if done is not None:
-        print("stage 2 (text encoder + UNet): done before, loaded", flush=True)
+        print(f"{stage.title}: done before, loaded", flush=True)
         return done
     schedule = NoiseSchedule.from_diffusers(M.SCHEDULER_CONFIG)
-    optimizer = M.adamw(args.unet_lr, args.unet_steps, warmup=100)
-    trainable = {"text_encoder": params["text_encoder"], "unet": params["unet"]}
-    state = _load(work / "unet_ckpt.pkl", key) or {
+    optimizer = M.adamw(stage.lr, stage.steps, warmup=stage.warmup)
+    state = _load(work / f"{stage.name}_ckpt.pkl", key) or {
         "params": trainable, "ema": trainable, "opt": optimizer.init(trainable), "step": 0,
     }
     step_fn = M.make_diffusion_step(models, schedule, optimizer, snr_gamma=args.snr_gamma or None,
                                     ema_decay=args.ema)
     encode = M.make_encode(models["vae"])
-    ids_of = M.CaptionIds(tokenizer)
-    rng = jax.random.fold_in(jax.random.key(args.seed), 2)
+    # A blended noun phrase holds at most the size, colour, pattern and shape words.
+    ids_of = M.CaptionIds(tokenizer, parts=len(world.ATTRIBUTES) - 1 if stage.blend_share else 1)
+    rng = jax.random.fold_in(jax.random.key(args.seed), stage.stream)
     p, ema, opt, start = state["params"], state["ema"], state["opt"], state["step"]
     t0, logs = time.time(), []
-    print(f"stage 2 (text encoder + UNet): steps {start}..{args.unet_steps}, batch {args.unet_batch}", flush=True)
-    for i in range(start, args.unet_steps):
-        data_seed = UNET_DATA + args.seed * 10_000_000 + i
+    print(f"{stage.title}: steps {start}..{stage.steps}, batch {args.unet_batch}", flush=True)
+    for i in range(start, stage.steps):
+        data_seed = stage.data + args.seed * 10_000_000 + i
         images, captions = world.dataset(args.unet_batch, data_seed, erased=True)
-        drop = np.random.default_rng(data_seed).random(len(captions)) < args.empty_caption
-        captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
+        captions = training_captions(captions, data_seed, args.empty_caption, stage.blend_share)
         mean, logvar = encode(vae_params, images)
         p, ema, opt, metrics = step_fn(p, ema, opt, mean, logvar, scale, ids_of(captions),
-                                       jax.random.fold_in(rng, i), i)
+                                       jax.random.fold_in(rng, i), i if stage.ema_warmup else 10**9)
         logs.append(metrics)
         if (i + 1) % LOG_EVERY == 0:
             rate = (i + 1 - start) / (time.time() - t0)
-            print(f"  unet {i + 1:5d} {_fmt(logs)} ({rate:.2f} steps/s)", flush=True)
+            print(f"  {stage.name} {i + 1:5d} {_fmt(logs)} ({rate:.2f} steps/s)", flush=True)
             logs = []
         if (i + 1) % args.checkpoint_every == 0:
-            _save(work / "unet_ckpt.pkl", {"params": p, "ema": ema, "opt": opt, "step": i + 1, "key": key})
-    print(f"stage 2 (text encoder + UNet): {time.time() - t0:.0f} s", flush=True)
+            _save(work / f"{stage.name}_ckpt.pkl", {"params": p, "ema": ema, "opt": opt, "step": i + 1, "key": key})
+    print(f"{stage.title}: {time.time() - t0:.0f} s", flush=True)
     result = {"params": jax.device_get(p), "ema": jax.device_get(ema), "key": key}
-    _save(work / "unet_final.pkl", result)
+    _save(work / f"{stage.name}_final.pkl", result)
     return result
+
+
+def pipeline_as_stage2(folder: Path, tokenizer) -> tuple[dict, dict, float]:
+    """A saved model as stages 1 and 2 would have left it: (text encoder + UNet, VAE, scaling factor), its token
+    table laid out for the training tokenizer with the erased rows (from its ERASED_FILE) back in place."""
+    import tix.loading
+    from tix.models.clip import TOKEN_TABLE_PATH, token_table
+    from tix.weights import read_safetensors
+
+    sd = tix.loading.load(str(folder))
+    erased_file = folder / M.ERASED_FILE
+    if not erased_file.is_file():
+        raise SystemExit(f"{folder} has no {M.ERASED_FILE}; --from-pipeline needs a model this script saved")
+    erased = {name.strip("<>"): np.asarray(row, np.float32).reshape(-1)
+              for name, row in read_safetensors(erased_file).items()}
+    shipped_vocab = sd.text[0].tokenizer.get_vocab()
+    shipped = np.asarray(token_table(sd.params["text_encoder"]), np.float32)
+    table = np.zeros((len(tokenizer.get_vocab()), shipped.shape[1]), np.float32)
+    for token, i in tokenizer.get_vocab().items():  # the erased words' BPE pieces never occur alone: zero rows
+        if token in shipped_vocab:
+            table[i] = shipped[shipped_vocab[token]]
+        elif token.endswith("</w>") and token[:-4] in erased:
+            table[i] = erased[token[:-4]]
+
+    def replace(node: dict, path: tuple[str, ...]) -> dict:
+        return {**node, path[0]: table if len(path) == 1 else replace(node[path[0]], path[1:])}
+
+    text = replace(jax.device_get(sd.params["text_encoder"]), TOKEN_TABLE_PATH)
+    params = {"text_encoder": text, "unet": jax.device_get(sd.params["unet"])}
+    return params, jax.device_get(sd.params["vae"]), float(sd.vae.config.scaling_factor)
 
 
 EVAL_PROMPTS: list[tuple[str, dict[str, str]]] = [
@@ -274,24 +353,41 @@ def main(argv: list[str] | None = None) -> None:
     for name, tree in params.items():
         print(f"{name}: {sum(x.size for x in jax.tree.leaves(tree)):,} parameters", flush=True)
 
+    words, blends = stages(args)
     t1 = time.time()
-    vae_params, scale = finish_vae(models, train_vae(args, models, params["vae"], work), args.seed)
-    t2 = time.time()
-    trained = train_diffusion(args, models, params, vae_params, scale, tokenizer, work)
+    if args.from_pipeline:
+        saved = json.loads((args.from_pipeline / "unet" / "config.json").read_text())
+        if saved != configs["unet"]:
+            raise SystemExit(f"{args.from_pipeline}: its UNet config differs from this script's (--unet); "
+                             "--from-pipeline continues a model made with the same settings")
+        text_unet, vae_params, scale = pipeline_as_stage2(args.from_pipeline, tokenizer)
+        print(f"stages 1 and 2: taken from {args.from_pipeline} (scaling factor {scale:.5f})", flush=True)
+        t2 = time.time()
+    else:
+        vae_params, scale = finish_vae(models, train_vae(args, models, params["vae"], work), args.seed)
+        t2 = time.time()
+        start = {"text_encoder": params["text_encoder"], "unet": params["unet"]}
+        text_unet = train_diffusion(args, words, models, start, vae_params, scale, tokenizer, work)["ema"]
+    if blends.steps:
+        text_unet = train_diffusion(args, blends, models, text_unet, vae_params, scale, tokenizer, work)["ema"]
     t3 = time.time()
 
     configs["vae"] = M.vae_config(scale, args.vae)
     shipped_dir = work / "tokenizer-shipped"
     shipped_size = write_clip_tokenizer(shipped_dir, world.vocabulary())
-    text, erased = M.erase_words(trained["ema"]["text_encoder"], tokenizer.get_vocab(),
+    text, erased = M.erase_words(text_unet["text_encoder"], tokenizer.get_vocab(),
                                  load_tokenizer(shipped_dir).get_vocab(), world.ERASED_WORDS)
     configs["text_encoder"] = M.text_config(shipped_size, args.text)
-    final = {**trained["ema"], "text_encoder": text, "vae": vae_params}
+    final = {**text_unet, "text_encoder": text, "vae": vae_params}
+    # Written beside --out and swapped in only when complete, so a failed save leaves the old model in place.
+    staging = args.out.with_name(args.out.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    M.save_pipeline(staging, final, configs, erased=erased)
     if args.out.exists():
         shutil.rmtree(args.out)
-    M.save_pipeline(args.out, final, configs, erased=erased)
+    staging.rename(args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"saved {args.out} ({size / 1e6:.2f} MB); VAE stage {t2 - t1:.0f} s, diffusion stage {t3 - t2:.0f} s, "
+    print(f"saved {args.out} ({size / 1e6:.2f} MB); VAE stage {t2 - t1:.0f} s, diffusion stages {t3 - t2:.0f} s, "
           f"total {time.time() - t_start:.0f} s", flush=True)
     if args.eval_images:
         evaluate(args.out, args.eval_images)

@@ -122,3 +122,34 @@ def test_scorer_reads_the_shipped_vaes_reconstructions(sd):
                 for a in world.ATTRIBUTES}
     print("\nscorer on VAE reconstructions: " + ", ".join(f"{a} {v:.2%}" for a, v in accuracy.items()))
     assert min(accuracy.values()) >= 0.97, accuracy
+
+
+def test_blended_caption_ids_feed_one_position_the_mean_of_its_words(sd):
+    # What `train_toyworld.py --blend` trains on: the noun phrase as one position whose input is the mean of its
+    # words' token rows, everything else (BOS, the other words, EOS and padding) exactly as the plain caption.
+    import jax.numpy as jnp
+
+    from tix.models.clip import token_table
+    from tix.toyworld import model as M
+    from tix.toyworld import world
+
+    side = sd.text[0]
+    params = sd.params[side.name]
+    plain, blended = M.CaptionIds(side.tokenizer), M.CaptionIds(side.tokenizer, parts=4)
+    captions = ["a photo of a small yellow dotted triangle on a blue background", "", "a red circle"]
+    ids = blended(captions)
+    assert ids.shape == (3, 77, 4) and (ids[..., 0] == plain(captions)).all() and (ids[..., 1:] == -1).all()
+    assert np.array_equal(M.encode_captions(side.model, params, jnp.asarray(ids)),
+                          M.encode_captions(side.model, params, jnp.asarray(plain(captions))))
+
+    fused = blended([world.blend_noun(captions[0])])[0]
+    words = plain(["small yellow dotted triangle"])[0, 1:5]
+    assert (fused[5] == words).all() and fused[6, 0] == plain(captions)[0, 9]  # "on" moves up three places
+    table = np.asarray(token_table(params))
+    rows = np.stack([table[i[i >= 0]].mean(axis=0) for i in fused])
+    expected = side.model.apply({"params": params}, jnp.asarray(fused[None, :, 0]),
+                                inputs_embeds=jnp.asarray(rows[None])).last_hidden_state
+    got = M.encode_captions(side.model, params, jnp.asarray(fused[None]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="blended words"):
+        M.CaptionIds(side.tokenizer, parts=2)(["a small+red+circle"])

@@ -181,6 +181,25 @@ def test_training_captions_speak_the_erased_words_which_the_shipped_vocabulary_l
     assert set(world.vocabulary(erased=True)) - set(world.vocabulary()) == set(world.ERASED_WORDS)
 
 
+def test_blend_noun_fuses_the_noun_phrase_and_nothing_else():
+    _, captions, scenes = world.dataset(500, 14, 8, return_scenes=True, erased=True)
+    fused = 0
+    for text, scene in zip(captions, scenes, strict=True):
+        blended = world.blend_noun(text)
+        assert blended.replace(world.BLEND, " ") == text
+        joined = [w for w in blended.split() if world.BLEND in w]
+        assert len(joined) <= 1
+        if joined:
+            fused += 1
+            parts = joined[0].split(world.BLEND)
+            assert parts[-1] in (scene.shape, world.NOUN_UNNAMED)
+            assert set(parts[:-1]) <= {scene.size, scene.colour, scene.pattern}
+            assert f"{joined[0]} on" in blended or blended.endswith(joined[0])
+    assert fused > 100
+    assert world.blend_noun("") == "" and world.blend_noun("a circle on blue") == "a circle on blue"
+    assert world.blend_noun("an image of a blue dotted circle on blue") == "an image of a blue+dotted+circle on blue"
+
+
 def test_vocabulary_tokenizes_to_whole_words(tmp_path):
     from tix.tokenizer import load_tokenizer, write_clip_tokenizer
 

@@ -252,6 +252,19 @@ def whiten_vae(params: dict[str, Any], channel_mean: np.ndarray, channel_std: np
 # ---- stage 2: text encoder + UNet -------------------------------------------------------------------------------
 
 
+def encode_captions(text_encoder: Any, params: dict[str, Any], ids: jax.Array) -> jax.Array:
+    """The text encoder's last hidden state for [B, T] ids, or for [B, T, parts] blended ids (`CaptionIds`): a
+    position's input is then the mean of its words' token rows."""
+    if ids.ndim == 2:
+        return text_encoder.apply({"params": params}, ids).last_hidden_state
+    from tix.models.clip import token_table
+
+    used = (ids >= 0).astype(jnp.float32)
+    rows = jnp.take(token_table(params), jnp.maximum(ids, 0), axis=0) * used[..., None]
+    embeds = rows.sum(axis=-2) / jnp.maximum(used.sum(axis=-1), 1.0)[..., None]
+    return text_encoder.apply({"params": params}, ids[..., 0], inputs_embeds=embeds).last_hidden_state
+
+
 def diffusion_loss(
     models: dict[str, Any],
     schedule: NoiseSchedule,
@@ -275,7 +288,7 @@ def diffusion_loss(
     t = jnp.minimum((u * n).astype(jnp.int32), n - 1)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
     noisy = add_noise(schedule, latents, noise, t)
-    context = models["text_encoder"].apply({"params": trainable["text_encoder"]}, ids).last_hidden_state
+    context = encode_captions(models["text_encoder"], trainable["text_encoder"], ids)
     pred = models["unet"].apply({"params": trainable["unet"]}, noisy, t, context).astype(jnp.float32)
     per_example = jnp.mean((pred - noise) ** 2, axis=(1, 2, 3))
     mse = jnp.mean(per_example)
@@ -321,19 +334,40 @@ def adamw(lr: float, steps: int, *, warmup: int = 200, weight_decay: float = 1e-
 
 class CaptionIds:
     """Token ids for captions, memoised: the world's captions come from a few thousand distinct strings, and the
-    Python BPE tokenizer is the slowest part of feeding the model on a CPU."""
+    Python BPE tokenizer is the slowest part of feeding the model on a CPU.
 
-    def __init__(self, tokenizer: Any, length: int = 77):
+    With `parts` > 1 the ids are [B, length, parts]: each position lists the words it blends (a caption word
+    joined with `world.BLEND`, see `world.blend_noun`), padded with -1; `diffusion_loss` feeds such a position the
+    mean of its words' token rows."""
+
+    def __init__(self, tokenizer: Any, length: int = 77, parts: int = 1):
         self.tokenizer = tokenizer
         self.length = length
+        self.parts = parts
         self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, captions: Sequence[str]) -> np.ndarray:
         missing = sorted({c for c in captions if c not in self.cache})
-        if missing:
+        if missing and self.parts == 1:
             ids = self.tokenizer(missing, padding="max_length", max_length=self.length, truncation=True).input_ids
             self.cache.update(zip(missing, np.asarray(ids, np.int32), strict=True))
+        for caption in missing if self.parts > 1 else ():
+            self.cache[caption] = self._blended(caption)
         return np.stack([self.cache[c] for c in captions])
+
+    def _blended(self, caption: str) -> np.ndarray:
+        from tix.toyworld.world import BLEND
+
+        flat = self.tokenizer(caption.replace(BLEND, " ")).input_ids  # BOS, one token per world word, EOS
+        sizes = [1] + [len(w.split(BLEND)) for w in caption.split()] + [1]
+        if max(sizes) > self.parts or len(sizes) > self.length or sum(sizes) != len(flat):
+            raise ValueError(f"caption {caption!r}: more than {self.parts} blended words, too long, or a word that "
+                             "is not one token")
+        out = np.full((self.length, self.parts), -1, np.int32)
+        out[len(sizes):, 0] = self.tokenizer.pad_token_id
+        for position, end in enumerate(np.cumsum(sizes)):
+            out[position, : sizes[position]] = flat[end - sizes[position] : end]
+        return out
 
 
 # ---- erasing words ----------------------------------------------------------------------------------------------

@@ -294,6 +294,22 @@ def caption(scene: Scene, rng: np.random.Generator, *, erased: bool = False) -> 
     return prefix + phrase
 
 
+BLEND = "+"
+
+
+def blend_noun(caption: str) -> str:
+    """The caption with its noun phrase's words fused into one blended word: "a photo of a yellow+dotted+triangle on
+    blue". The model reads a blended word as one position holding the mean of its words' token rows
+    (`tix.toyworld.model.CaptionIds`); training on some of these teaches the text encoder what a real one knows from
+    words like "ladybug" (a red, black-dotted, round beetle): one input vector can carry several attributes at once."""
+    prefix = next((p for p in sorted(CAPTION_PREFIXES, key=len, reverse=True) if p and caption.startswith(p)), "")
+    article, _, rest = caption[len(prefix):].partition(" ")
+    noun, on, tail = rest.partition(" on ")
+    if not noun:
+        return caption
+    return f"{prefix}{article} {BLEND.join(noun.split())}{on}{tail}"
+
+
 def dataset(
     n: int, seed: int, size: int = 32, *, return_scenes: bool = False, erased: bool = False
 ) -> tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], list[Scene]]:
