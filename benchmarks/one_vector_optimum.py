@@ -10,6 +10,7 @@ vector still misses the concept, no optimiser setting will find a better one: th
 is what misses it.
 
     python benchmarks/one_vector_optimum.py yellow_dotted_star --draw 32 --seed 4 [--steps 100] [--lr 0.03]
+    python benchmarks/one_vector_optimum.py yellow_dotted_star blue_dotted_square --steps 0 --unfitted   # the starts
 
 The images are those `benchmarks/toyworld.py --draw 32 --seed 4` trains on. About 3 minutes per start on 2 cores. Named
 concepts only: the starts are the words that name them.
@@ -141,7 +142,11 @@ def probe(sd: StableDiffusion, concept: world.Concept, image_seed: int, score_se
 
     for path in args.also:  # vectors trained elsewhere (a diffusers-format file), measured on the same draws
         measure(path.stem, next(iter(load_file(path).values())).reshape(1, -1))
-    for name, start in starts(sd, concept).items() if args.steps else ():
+    for name, start in starts(sd, concept).items():
+        if args.unfitted:
+            measure(f"start {name}", start)
+        if not args.steps:
+            continue
         began = time.time()
         weight = None
         if args.balanced:  # the weighting of `--set balance_noise_levels=true`, from the start's loss per tenth
@@ -178,7 +183,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=4)
     p.add_argument("--images", type=int, default=5)
     p.add_argument("--per-level", type=int, default=24, help="fitted draws per tenth of the schedule")
-    p.add_argument("--steps", type=int, default=100, help="0: fit nothing, measure the --also vectors only")
+    p.add_argument("--steps", type=int, default=100, help="0: fit nothing")
+    p.add_argument("--unfitted", action="store_true",
+                   help="also measure each start as it is (the words' mean is what stage 3 of the toy model's "
+                        "training teaches its text encoder to read)")
+    p.add_argument("--model", default="toyworld", help="the toy model (a folder), e.g. an earlier one to compare")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--balanced", action="store_true",
@@ -199,7 +208,7 @@ def main() -> None:
     if unnamed:
         raise SystemExit(f"{', '.join(unnamed)}: no words name these concepts, so there is no caption to compare "
                          "with or words to start from; give named concepts")
-    sd = tix.load("toyworld")
+    sd = tix.load(args.model)
     sd.add_tokens(PLACEHOLDER, [None] * len(sd.text))
     results = {name: probe(sd, by_name[name], seeds[name], args.seed, args) for name in args.names}
     print(table(results))
