@@ -4,22 +4,22 @@
 
 Stage 1 trains the VAE on reconstruction; the latent scaling factor is then set to 1 / std of its latents, as SD's
 was; stage 2 trains the CLIP text encoder and the UNet together with the epsilon loss, on captions from the world
-(10% dropped to "" so classifier-free guidance works). Images are rendered on the fly from per-step seeds, so a run is
-a function of --seed and the step counts. Stage 3 continues stage 2 with a share of the captions' noun phrases
-fed as one blended word (the mean of the words' token rows, `world.blend_noun`), so the text encoder learns what a
-real one knows from words like "ladybug": that one input vector can carry colour, pattern and shape at once. Each
-stage checkpoints to --work (default /tmp/tix-toyworld-<seed>) and a
-rerun with the same arguments resumes where it stopped and skips finished stages. The EMA weights are saved, the UNet
-and VAE in fp16 and the text encoder in fp32 (see `tix.toyworld.model.save_pipeline`).
+(10% dropped to "" so classifier-free guidance works). Stage 3 continues stage 2 with 30% of the captions' noun
+phrases fed as one blended word (one position holding the mean of the words' token rows, `world.blend_noun`), so
+the text encoder learns what a real one knows from words like "ladybug": that one input vector can carry colour,
+pattern and shape at once. Images are rendered on the fly from per-step seeds, so a run is a function of --seed and
+the step counts. Each stage checkpoints to --work (default /tmp/tix-toyworld-<seed>) and a rerun with the same
+arguments resumes where it stopped and skips finished stages. The EMA weights are saved, the UNet and VAE in fp16
+and the text encoder in fp32 (see `tix.toyworld.model.save_pipeline`).
 
 `--from-pipeline FOLDER` takes stages 1 and 2 from a saved model instead (its erased rows put back into the token
 table) and runs stage 3 on it: that is how the shipped model was made from the one shipped before stage 3 existed.
 
-The defaults (12000 diffusion steps; the pattern was still being learned at 6000) run the diffusion stage at 1.7-1.9
-steps/s on two otherwise idle CPU cores, about 2 hours with the VAE's 270 s; the shipped model's run, sharing its
-cores with test suites and benchmarks and resumed twice, went at a median 1.05 steps/s (3.2 hours). The script
-prints timings, losses and, at the end, the per-attribute accuracy of generated images read by
-`tix.toyworld.scorer`.
+The defaults (12000 diffusion steps; the pattern was still being learned at 6000) run stage 2 at 1.7-1.9 steps/s on
+two otherwise idle CPU cores and stage 3 at about 2.3 steps/s: about 2 hours 10 minutes with the VAE's 270 s. The
+shipped model's stage 2, sharing its cores with test suites and benchmarks and resumed twice, went at a median 1.05
+steps/s (3.2 hours); its stage 3 took 13 minutes beside a benchmark. The script prints timings, losses and, at the
+end, the per-attribute accuracy of generated images read by `tix.toyworld.scorer`.
 """
 
 from __future__ import annotations
