@@ -14,8 +14,9 @@ carries, so the saved folder loads through every code path a real SD 1.x checkpo
 
 Training (driven by ``scripts/train_toyworld.py``) is two stages as in latent diffusion: the VAE alone, then the text
 encoder and UNet jointly on the frozen VAE's latents. Between them the VAE is reparametrised so its latents have zero
-mean and unit spread per channel (`whiten_vae`), which removed the colour casts the first models painted. Functions
-here are pure: parameters in, parameters out.
+mean and unit spread per channel (`whiten_vae`), which removed the colour casts the first models painted. A third
+stage continues the second with some noun phrases fed as one blended position (`CaptionIds` with `parts`), so one
+input vector learns to carry several words. Functions here are pure: parameters in, parameters out.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def whiten_vae(params: dict[str, Any], channel_mean: np.ndarray, channel_std: np
     return out
 
 
-# ---- stage 2: text encoder + UNet -------------------------------------------------------------------------------
+# ---- stages 2 and 3: text encoder + UNet ------------------------------------------------------------------------
 
 
 def encode_captions(text_encoder: Any, params: dict[str, Any], ids: jax.Array) -> jax.Array:
