@@ -252,28 +252,15 @@ def pipeline_as_stage2(folder: Path, tokenizer) -> tuple[dict, dict, float]:
     """A saved model as stages 1 and 2 would have left it: (text encoder + UNet, VAE, scaling factor), its token
     table laid out for the training tokenizer with the erased rows (from its ERASED_FILE) back in place."""
     import tix.loading
-    from tix.models.clip import TOKEN_TABLE_PATH, token_table
     from tix.weights import read_safetensors
 
     sd = tix.loading.load(str(folder))
     erased_file = folder / M.ERASED_FILE
     if not erased_file.is_file():
         raise SystemExit(f"{folder} has no {M.ERASED_FILE}; --from-pipeline needs a model this script saved")
-    erased = {name.strip("<>"): np.asarray(row, np.float32).reshape(-1)
-              for name, row in read_safetensors(erased_file).items()}
-    shipped_vocab = sd.text[0].tokenizer.get_vocab()
-    shipped = np.asarray(token_table(sd.params["text_encoder"]), np.float32)
-    table = np.zeros((len(tokenizer.get_vocab()), shipped.shape[1]), np.float32)
-    for token, i in tokenizer.get_vocab().items():  # the erased words' BPE pieces never occur alone: zero rows
-        if token in shipped_vocab:
-            table[i] = shipped[shipped_vocab[token]]
-        elif token.endswith("</w>") and token[:-4] in erased:
-            table[i] = erased[token[:-4]]
-
-    def replace(node: dict, path: tuple[str, ...]) -> dict:
-        return {**node, path[0]: table if len(path) == 1 else replace(node[path[0]], path[1:])}
-
-    text = replace(jax.device_get(sd.params["text_encoder"]), TOKEN_TABLE_PATH)
+    erased = {name.strip("<>"): row for name, row in read_safetensors(erased_file).items()}
+    text = M.restore_words(jax.device_get(sd.params["text_encoder"]), sd.text[0].tokenizer.get_vocab(),
+                           tokenizer.get_vocab(), erased)
     params = {"text_encoder": text, "unet": jax.device_get(sd.params["unet"])}
     return params, jax.device_get(sd.params["vae"]), float(sd.vae.config.scaling_factor)
 

@@ -349,11 +349,11 @@ class CaptionIds:
 
     def __call__(self, captions: Sequence[str]) -> np.ndarray:
         missing = sorted({c for c in captions if c not in self.cache})
-        if missing and self.parts == 1:
+        if missing and self.parts > 1:
+            self.cache.update((c, self._blended(c)) for c in missing)
+        elif missing:
             ids = self.tokenizer(missing, padding="max_length", max_length=self.length, truncation=True).input_ids
             self.cache.update(zip(missing, np.asarray(ids, np.int32), strict=True))
-        for caption in missing if self.parts > 1 else ():
-            self.cache[caption] = self._blended(caption)
         return np.stack([self.cache[c] for c in captions])
 
     def _blended(self, caption: str) -> np.ndarray:
@@ -383,7 +383,7 @@ def erase_words(
     string takes the row its string had in training (ids shift, since the BPE vocabulary is rebuilt without the
     words and their merge pieces), so every remaining prompt encodes exactly as in training while no prompt can
     produce an erased row. The erased rows are returned keyed by word, for measuring how near inversion comes."""
-    from tix.models.clip import TOKEN_TABLE_PATH, token_table
+    from tix.models.clip import token_table
 
     table = np.asarray(token_table(text_params), np.float32)
     missing = [t for t in shipped_vocab if t not in trained_vocab]
@@ -392,15 +392,38 @@ def erase_words(
     order = sorted(shipped_vocab, key=shipped_vocab.__getitem__)
     shipped = table[[trained_vocab[t] for t in order]]
     erased = {w: table[trained_vocab[w + "</w>"]].copy() for w in words}
+    return _with_token_table(text_params, shipped), erased
+
+
+def restore_words(
+    text_params: dict[str, Any], shipped_vocab: dict[str, int], trained_vocab: dict[str, int],
+    erased: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """`erase_words` undone: the text encoder's parameters for the training tokenizer, each token string's row where
+    the shipped table has it and the `erased` rows (word -> row) back in their words' places. The erased words' BPE
+    merge pieces never occur alone in training, so their rows are zero."""
+    from tix.models.clip import token_table
+
+    shipped = np.asarray(token_table(text_params), np.float32)
+    table = np.zeros((len(trained_vocab), shipped.shape[1]), np.float32)
+    for token, i in trained_vocab.items():
+        if token in shipped_vocab:
+            table[i] = shipped[shipped_vocab[token]]
+        elif token.endswith("</w>") and token[:-4] in erased:
+            table[i] = np.asarray(erased[token[:-4]], np.float32).reshape(-1)
+    return _with_token_table(text_params, table)
+
+
+def _with_token_table(text_params: dict[str, Any], table: np.ndarray) -> dict[str, Any]:
+    """`text_params` (with or without the outer "params" collection) with its token table replaced; no copies."""
+    from tix.models.clip import TOKEN_TABLE_PATH
 
     def replace(node: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
-        out = dict(node)
-        out[path[0]] = shipped if len(path) == 1 else replace(node[path[0]], path[1:])
-        return out
+        return {**node, path[0]: table if len(path) == 1 else replace(node[path[0]], path[1:])}
 
     root = "params" in text_params
     tree = replace(text_params["params"] if root else text_params, TOKEN_TABLE_PATH)
-    return ({"params": tree} if root else tree), erased
+    return {"params": tree} if root else tree
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------
