@@ -15,8 +15,9 @@ and the text encoder in fp32 (see `tix.toyworld.model.save_pipeline`).
 `--from-pipeline FOLDER` takes stages 1 and 2 from a saved model instead (its erased rows put back into the token
 table) and runs stage 3 on it: that is how the shipped model was made from the one shipped before stage 3 existed.
 
-The defaults (12000 diffusion steps; the pattern was still being learned at 6000) run stage 2 at 1.7-1.9 steps/s on
-two otherwise idle CPU cores and stage 3 at about 2.3 steps/s: about 2 hours 10 minutes with the VAE's 270 s. The
+With the defaults (12000 diffusion steps; the pattern was still being learned at 6000) one run of all three stages
+on two otherwise idle CPU cores took 1 hour 34 minutes: the VAE 191 s, stage 2 at about 2.5 steps/s (81 minutes),
+stage 3 at 2.6 steps/s (10 minutes). Its model matches the shipped one to within fp16 rounding (README). The
 shipped model's stage 2, sharing its cores with test suites and benchmarks and resumed twice, went at a median 1.05
 steps/s (3.2 hours); its stage 3 took 13 minutes beside a benchmark. The script prints timings, losses and, at the
 end, the per-attribute accuracy of generated images read by `tix.toyworld.scorer`.
