@@ -90,6 +90,14 @@ def test_other_optimizer_values_are_checked(field, value):
         cfg.check()
 
 
+def test_a_misspelt_validation_sampler_is_refused_before_training(capsys):
+    """Validation first samples after validate_every steps; a bad name must not wait until then."""
+    err = _exit_2(["invert", "--images", "x", "--token", "<t>", "--set", "validation_sampler=dpm++2m-karas"], capsys)
+    assert "validation_sampler='dpm++2m-karas'" in err and "dpm++2m-karras" in err
+    cfg = load_config(None, {"images": "x", "token": "<t>", **parse_set(["validation_sampler=euler-karras"])})
+    cfg.check()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Concept folders and images
 

@@ -8,16 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 
 import tix
+from tests.test_samplers import oracle
 from tests.test_schedule import SD1, SD2, SDXL
 from tix import cli, samplers
 from tix.errors import ConfigError
 from tix.schedule import NoiseSchedule
-
-ORACLE = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}
 
 
 def _nchw(x):
@@ -36,7 +34,7 @@ def _model(x, t):
 def _diffusers_loop(config, sampler, n, strength, x0, noise, mask):
     """diffusers' img2img loop (get_timesteps, add_noise at the first kept timestep), and with a mask the blending
     of its inpainting pipeline for a 4-channel UNet."""
-    sched = ORACLE[sampler].from_config(config)
+    sched = oracle(config, sampler)
     sched.set_timesteps(n)
     kept = min(int(n * strength), n)
     start = n - kept
@@ -141,7 +139,7 @@ def test_img2img_matches_diffusers_pipeline(sd1, monkeypatch):
     got = sd.generate(PROMPTS, steps=10, guidance=7.5, sampler="dpm++2m", seed=3, image=image, strength=0.6)
     _same_noise(monkeypatch, module, seed=3)
     ref = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-    ref.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    ref.scheduler = oracle(pipe.scheduler.config, "dpm++2m")
     want = ref(PROMPTS, image=Image.fromarray(image), strength=0.6, num_inference_steps=10, guidance_scale=7.5,
                output_type="np").images
     want = np.round(want * 255).astype(np.uint8)

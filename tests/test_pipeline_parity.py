@@ -10,6 +10,7 @@ import torch
 
 import tix
 from tix.errors import ConfigError
+from tix.sampler_names import KARRAS_SUFFIX, SAMPLERS
 
 PROMPTS = ["a red cat on a green background", "a small blue dog"]
 STEPS = 6
@@ -19,11 +20,13 @@ MAX_LEVELS = 2  # uint8 levels
 def _scheduler(sampler, config):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    if sampler == "ddim":
+    base = sampler.removesuffix(KARRAS_SUFFIX)
+    karras = {"use_karras_sigmas": True} if base != sampler else {}
+    if base == "ddim":
         return DDIMScheduler.from_config(config)
-    if sampler == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if base == "euler":
+        return EulerDiscreteScheduler.from_config(config, **karras)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2, **karras)
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
@@ -37,7 +40,7 @@ def pair(request, tiny_dirs):
 
 # (guidance, negative prompts): guided with a negative prompt next to an empty one; unguided (one UNet row per image);
 # guided with no negative prompt at all (SDXL then zeroes the unconditional embedding). Each family pairs every
-# sampler with one mode, rotated so that over the three families every sampler meets every mode (9 compiles, not 27).
+# sampler with one mode, rotated so that over the three families every sampler meets every mode (15 compiles, not 45).
 MODES = [(7.5, ["", "a blurry photo"]), (1.0, None), (5.0, None)]
 KINDS = ("sd1", "sd2", "sdxl")
 
@@ -50,7 +53,7 @@ def test_generate_matches_diffusers_pipeline(pair):
     base_config = dict(pipe.scheduler.config)
     shift = KINDS.index(sd.kind)
     images = {}
-    for i, sampler in enumerate(("ddim", "euler", "dpm++2m")):
+    for i, sampler in enumerate(SAMPLERS):
         guidance, negative = MODES[(i + shift) % len(MODES)]
         got = sd.generate(PROMPTS, negative=negative, steps=STEPS, guidance=guidance, sampler=sampler,
                           size=size, latents=noise)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tix import host_memory
 from tix.errors import TixError
+from tix.sampler_names import SAMPLERS
 
 log = logging.getLogger("tix.cli")
 
@@ -272,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=4)
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--sampler", default="dpm++2m", choices=["ddim", "euler", "dpm++2m"])
+    g.add_argument("--sampler", default="dpm++2m", choices=SAMPLERS)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=int, default=None, help="pixels (default: the model's native size)")
     g.add_argument("--dtype", default="float32")
@@ -357,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=int, default=64, help="samples per prompt (the paper: 64); fewer is faster")
     v.add_argument("--steps", type=int, default=50)
     v.add_argument("--guidance", type=float, default=5.0)
-    v.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpm++2m"])
+    v.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     v.add_argument("--batch", type=int, default=8, help="images per generation batch")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--size", type=int, default=None, help="pixels (default: the model's native size)")

@@ -1,4 +1,5 @@
-"""Deterministic samplers (DDIM, Euler, DPM-Solver++(2M)) as pure step functions over precomputed tables.
+"""Deterministic samplers (DDIM, Euler, DPM-Solver++(2M), the last two also on Karras sigmas) as pure step
+functions over precomputed tables.
 
 Each sampler reproduces a diffusers scheduler built with ``<Class>.from_config(scheduler_config)``: the same
 ``set_timesteps(n)`` timesteps, the same sigmas and the same update, for epsilon and v-prediction models:
@@ -11,9 +12,16 @@ Each sampler reproduces a diffusers scheduler built with ``<Class>.from_config(s
             lower_order_final true, final_sigmas_type "zero".
 =========== ====================================================================================================
 
+``euler-karras`` and ``dpm++2m-karras`` are the same samplers with ``use_karras_sigmas=True`` (AUTOMATIC1111's
+"Euler Karras" and "DPM++ 2M Karras"): the noise levels of Karras et al. 2022 (rho 7) between the schedule's highest and
+lowest, and the timesteps the model is given read back from them. A config that sets ``use_karras_sigmas`` gets them
+under the plain name too, as diffusers' ``from_config`` does. Where Karras sigmas give the first two steps one whole
+timestep (zero-SNR or cosine schedules), diffusers' text-to-image loop starts at the second step and fails past the
+last (IndexError); tix runs every step, as diffusers does after ``set_begin_index(0)``.
+
 A field missing from the config takes the default of the sampler's diffusers class (so one SD 1.5 config gives DDIM
 "leading" but Euler "linspace" timesteps, exactly as in diffusers); a field set to something tix does not implement
-(Karras sigmas, thresholding, ...) raises :class:`tix.errors.ConfigError` naming it.
+(exponential or beta sigmas, thresholding, ...) raises :class:`tix.errors.ConfigError` naming it.
 
 Everything per step that depends only on the schedule and the step count lives in a :class:`SamplerTable` of numpy
 arrays built at trace time; :func:`step` indexes it with a (possibly traced) step index, and :func:`sample` runs the
@@ -32,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tix.errors import ConfigError
+from tix.sampler_names import KARRAS_SUFFIX, SAMPLERS
 from tix.schedule import NoiseSchedule
-
-SAMPLERS = ("ddim", "euler", "dpm++2m")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -76,8 +83,13 @@ def make_table(schedule: NoiseSchedule, sampler: str, num_steps: int) -> Sampler
         raise ConfigError(
             f"num_steps={num_steps} exceeds the schedule's num_train_timesteps={schedule.num_train_timesteps}"
         )
-    build = {"ddim": _ddim_table, "euler": _euler_table, "dpm++2m": _dpm_table}[sampler]
-    return build(schedule, int(num_steps))
+    base = sampler.removesuffix(KARRAS_SUFFIX)
+    if base == "ddim":
+        return _ddim_table(schedule, int(num_steps))
+    asked = _field(schedule, base, "use_karras_sigmas", False, (True, False, None))
+    karras = sampler.endswith(KARRAS_SUFFIX) or bool(asked)
+    build = {"euler": _euler_table, "dpm++2m": _dpm_table}[base]
+    return build(schedule, int(num_steps), karras)
 
 
 def start_step(num_steps: int, strength: float) -> int:
@@ -142,7 +154,7 @@ def _field(schedule: NoiseSchedule, sampler: str, name: str, default: Any, suppo
 
 
 def _reject_sigma_variants(schedule: NoiseSchedule, sampler: str) -> None:
-    for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+    for name in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                  "use_flow_sigmas", "use_dynamic_shifting"):
         _field(schedule, sampler, name, False, (False, None))
 
@@ -175,6 +187,25 @@ def _train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
 def _final_sigma(schedule: NoiseSchedule, sampler: str, alphas_cumprod: np.ndarray) -> float:
     kind = _field(schedule, sampler, "final_sigmas_type", "zero", ("zero", "sigma_min"))
     return 0.0 if kind == "zero" else float(_train_sigmas(alphas_cumprod[:1])[0])
+
+
+def _karras_sigmas(sigma_max: float, sigma_min: float, n: int) -> np.ndarray:
+    """``n`` noise levels from ``sigma_max`` down to ``sigma_min``, evenly spaced in sigma^(1/7) (Karras et al. 2022,
+    eq. 5), in float64 as diffusers computes them."""
+    rho = 7.0
+    ramp = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _sigma_to_t(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timestep of each noise level: linear in log-sigma between the two training timesteps
+    around it, clamped to the schedule's ends (diffusers' ``_sigma_to_t``)."""
+    log_train = np.log(train_sigmas)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    # The last training timestep at or below each level (0 if none), kept one short of the end to have a neighbour.
+    low = np.clip(np.searchsorted(log_train, log_sigma, side="right") - 1, 0, len(log_train) - 2)
+    w = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
 
 
 def _f32(x: Any) -> np.ndarray:
@@ -240,7 +271,7 @@ def _ddim_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m:
 # Euler
 
 
-def _euler_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
+def _euler_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerTable:
     name = "euler"
     num_train = schedule.num_train_timesteps
     spacing = _spacing(schedule, name, "linspace")
@@ -258,8 +289,16 @@ def _euler_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
     else:
         ts = np.arange(num_train, 0, -num_train / n).round().astype(np.float32) - np.float32(1)
     alphas_cumprod = _sampling_alphas_cumprod(schedule)
+    train_sigmas = _train_sigmas(alphas_cumprod)
     # Timesteps between table entries get a sigma linearly interpolated in sigma, as diffusers' "linear" type.
-    sigmas = np.interp(ts, np.arange(num_train), _train_sigmas(alphas_cumprod))
+    sigmas = np.interp(ts, np.arange(num_train), train_sigmas)
+    if karras:
+        # Between the spaced schedule's own ends, unless the config pins them (EulerDiscreteScheduler's sigma_min/max).
+        high = _field(schedule, name, "sigma_max", None)
+        low = _field(schedule, name, "sigma_min", None)
+        high, low = sigmas[0] if high is None else float(high), sigmas[-1] if low is None else float(low)
+        sigmas = _karras_sigmas(high, low, n)
+        ts = _sigma_to_t(sigmas, train_sigmas)
     sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]]))
     max_sigma = sigmas.max()
     init = max_sigma if spacing in ("linspace", "trailing") else np.sqrt(max_sigma**2 + np.float32(1))
@@ -284,7 +323,7 @@ def _euler_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m
 # DPM-Solver++(2M)
 
 
-def _dpm_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
+def _dpm_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerTable:
     name = "dpm++2m"
     num_train = schedule.num_train_timesteps
     spacing = _spacing(schedule, name, "linspace")
@@ -313,7 +352,16 @@ def _dpm_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
         ts = (np.arange(n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + offset
     else:
         ts = np.arange(last, 0, -num_train / n).round().astype(np.int64) - 1
-    sigmas = np.interp(ts, np.arange(num_train), _train_sigmas(alphas_cumprod))
+    train_sigmas = _train_sigmas(alphas_cumprod)
+    if karras:
+        # Over the whole training range (lambda_min_clipped and the spacing no longer pick the timesteps); the model
+        # gets the nearest whole timestep but the update uses the Karras sigma itself, as in diffusers, which
+        # truncates the timesteps instead of rounding them for a cosine schedule.
+        sigmas = _karras_sigmas(float(train_sigmas[-1]), float(train_sigmas[0]), n)
+        t = _sigma_to_t(sigmas, train_sigmas)
+        ts = (t if schedule.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64)
+    else:
+        sigmas = np.interp(ts, np.arange(num_train), train_sigmas)
     sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]])).astype(np.float64)
     steps = len(ts)
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from tix.errors import ConfigError
+from tix.sampler_names import SAMPLERS
 
 
 @dataclasses.dataclass
@@ -130,6 +131,8 @@ class TrainConfig:
         for name in ("max_grad_norm", "min_snr_gamma"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive, or null for none")
+        if self.validation_sampler not in SAMPLERS:
+            raise ConfigError(f"validation_sampler={self.validation_sampler!r}: use one of {', '.join(SAMPLERS)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
         if self.timestep_bias < 0:
