@@ -7,8 +7,9 @@ concepts of several.
 The runs must follow one protocol (the same model, steps, batch, learning rate, init_reg, samples, training images,
 shared context and --set fields); they may differ in which concepts they drew. A concept of one run is a different
 concept from a namesake in another (other images, another context), so each keeps its run's folder in its name. The
-methods pooled are those every run scored. With --out, writes table.md, trade_off.md, edits.md and scatter.png
-there, as the benchmark does for one run.
+methods pooled are those every run scored. --pair A B adds A's lead over B on every axis with a 95% interval over
+concepts. With --out, writes table.md, trade_off.md, edits.md, scatter.png (and leads.md) there, as the benchmark
+does for one run.
 """
 
 from __future__ import annotations
@@ -66,10 +67,28 @@ def read(runs: dict[str, dict]) -> tuple[dict[tuple[str, str], evaluate.Score], 
     return scores, concepts, methods, contexts
 
 
+def lead_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
+               pairs: list[tuple[str, str]]) -> str:
+    """Each pair's first method's lead over its second on every axis, per group of concepts, with a 95% interval
+    over concepts (`toyworld.concept_bootstrap`)."""
+    fields = ("reconstruction", "editability", "resemblance", "obeyed")
+    lines = ["| pair | group | concepts | " + " | ".join(f"{f}: lead [95%]" for f in fields) + " |",
+             "|---|---|---|" + "---|" * len(fields)]
+    for first, second in pairs:
+        for group, members in bench.concept_groups(concepts).items():
+            if members:
+                cells = [bench.concept_bootstrap(scores, members, first, second, f) for f in fields]
+                lines.append(f"| {first} - {second} | {group} | {len(members)} | "
+                             + " | ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="folders benchmarks/toyworld.py wrote with --out")
     p.add_argument("--out", type=Path, help="write table.md, trade_off.md, edits.md and scatter.png here")
+    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
+                   help="also FIRST's lead over SECOND on every axis (e.g. --pair tix-1v caption-long)")
     args = p.parse_args(argv)
     runs = {}
     for folder in args.runs:
@@ -82,21 +101,29 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         p.error(str(e))
     scores, concepts, methods, contexts = read(runs)
+    unknown = sorted({m for pair in args.pair for m in pair} - set(methods))
+    if unknown:
+        p.error(f"--pair: {', '.join(unknown)} not scored by every run; they all scored {', '.join(methods)}")
     shared = any(contexts.values())
     summary = bench.summarise(scores, concepts, methods)
     outputs = {"table.md": bench.table(summary, shared), "trade_off.md": bench.trade_off_table(scores, concepts),
                "edits.md": bench.edit_table(scores, concepts, methods, contexts)}
+    if args.pair:
+        outputs["leads.md"] = lead_table(scores, concepts, [tuple(pair) for pair in args.pair])
     groups = bench.concept_groups(concepts)
     print(f"{len(runs)} runs, {len(concepts)} concepts ({len(groups['named'])} named, {len(groups['unnamed'])} "
           f"unnamed), {summary[methods[0]]['all'].samples} samples of each kind for {methods[0]}\n")
-    print(outputs["table.md"] + "\n\n" + outputs["trade_off.md"] + "\n\n" + outputs["edits.md"].split("\n\n")[0])
+    shown = [outputs["table.md"], outputs.get("leads.md", ""), outputs["edits.md"].split("\n\n")[0]]
+    if len(outputs["trade_off.md"].splitlines()) > 2:  # a pair of TRADE_OFF that every run scored
+        shown.insert(1, outputs["trade_off.md"])
+    print("\n\n".join(t for t in shown if t))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, text in outputs.items():
             (args.out / name).write_text(text + "\n")
         bench.scatter(summary, args.out / "scatter.png", shared)
         (args.out / "runs.txt").write_text("".join(f"{f}\n" for f in args.runs))
-        print(f"\nwrote {args.out}/table.md, trade_off.md, edits.md, scatter.png, runs.txt")
+        print(f"\nwrote {', '.join(outputs)}, scatter.png and runs.txt to {args.out}")
 
 
 if __name__ == "__main__":

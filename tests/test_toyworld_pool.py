@@ -49,6 +49,21 @@ def test_pooled_concepts_keep_their_runs_apart_and_weigh_by_samples(tmp_path, ca
     assert "| a:yellow_solid_triangle | a * on a blue background |" in edits
     assert "| b:yellow_solid_triangle | a * on a blue background |" in edits
     assert (tmp_path / "pooled" / "scatter.png").stat().st_size > 0
+    assert not (tmp_path / "pooled" / "leads.md").exists()
+
+
+def test_pair_gives_a_lead_on_every_axis_and_names_methods_not_scored(tmp_path, capsys):
+    a = _write(tmp_path, "a", _run("2", 0.5))
+    b = _write(tmp_path, "b", _run("3", 0.75))
+    pool.main([a, b, "--pair", "tix-1v", "tix-3v", "--out", str(tmp_path / "pooled")])
+    leads = (tmp_path / "pooled" / "leads.md").read_text()
+    # Equal samples: tix-1v obeyed 0.625 against 1.0, resemblance 0.5 against 1.0, reconstruction tied.
+    assert "| tix-1v - tix-3v | named | 2 | +0.00 [+0.00, +0.00] | -0.38 [-0.50, -0.25] | -0.50 [-0.50, -0.50] |" \
+        in leads
+    assert leads in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pool.main([a, b, "--pair", "tix-1v", "caption-long"])
+    assert "--pair: caption-long not scored by every run" in capsys.readouterr().err
 
 
 def test_runs_of_another_protocol_or_the_same_draw_are_refused(tmp_path, capsys):
