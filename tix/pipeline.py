@@ -325,6 +325,9 @@ class StableDiffusion:
     ) -> np.ndarray:
         """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`.
 
+        `sampler`: "ddim", "euler", "dpm++2m", "euler-karras" or "dpm++2m-karras" (`tix.samplers`), each the matching
+        diffusers scheduler built from the model's scheduler config.
+
         With `image` (uint8 [H, W, 3], or [B, H, W, 3] one per prompt) this is image-to-image as in diffusers' img2img
         pipeline: the image's VAE latent mean is noised to the level of step `steps - int(steps * strength)` and only
         the steps from there on run, so `strength` 1 keeps nothing of the image but its layout's faint trace and small
