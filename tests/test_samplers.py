@@ -228,6 +228,8 @@ def test_guidance_batches_and_combine():
         ("euler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
         ("dpm++2m-karras", {"use_beta_sigmas": True}, "use_beta_sigmas"),
         ("euler", {"use_karras_sigmas": "yes"}, "use_karras_sigmas"),
+        ("euler-karras", {"sigma_min": "low"}, "sigma_min"),
+        ("euler-karras", {"sigma_max": -1.0}, "sigma_max"),
         ("dpm++2m", {"use_lu_lambdas": True}, "use_lu_lambdas"),
         ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("ddim", {"thresholding": True}, "thresholding"),

@@ -189,6 +189,16 @@ def _final_sigma(schedule: NoiseSchedule, sampler: str, alphas_cumprod: np.ndarr
     return 0.0 if kind == "zero" else float(_train_sigmas(alphas_cumprod[:1])[0])
 
 
+def _sigma_bound(schedule: NoiseSchedule, sampler: str, name: str, default: float) -> float:
+    """A config's ``sigma_min``/``sigma_max`` (null: ``default``, the spaced schedule's own end)."""
+    value = _field(schedule, sampler, name, None)
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ConfigError(f"scheduler config field {name}={value!r} must be a positive number or null")
+    return float(value)
+
+
 def _karras_sigmas(sigma_max: float, sigma_min: float, n: int) -> np.ndarray:
     """``n`` noise levels from ``sigma_max`` down to ``sigma_min``, evenly spaced in sigma^(1/7) (Karras et al. 2022,
     eq. 5), in float64 as diffusers computes them."""
@@ -294,9 +304,8 @@ def _euler_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> Sampl
     sigmas = np.interp(ts, np.arange(num_train), train_sigmas)
     if karras:
         # Between the spaced schedule's own ends, unless the config pins them (EulerDiscreteScheduler's sigma_min/max).
-        high = _field(schedule, name, "sigma_max", None)
-        low = _field(schedule, name, "sigma_min", None)
-        high, low = sigmas[0] if high is None else float(high), sigmas[-1] if low is None else float(low)
+        high = _sigma_bound(schedule, name, "sigma_max", sigmas[0])
+        low = _sigma_bound(schedule, name, "sigma_min", sigmas[-1])
         sigmas = _karras_sigmas(high, low, n)
         ts = _sigma_to_t(sigmas, train_sigmas)
     sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]]))
