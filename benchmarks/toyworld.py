@@ -320,23 +320,33 @@ def concept_bootstrap(scores: dict[tuple[str, str], evaluate.Score], concepts: l
 TRADE_OFF = (("tix-3v", "tix-1v"), ("tix-1v", "tix-1v-regularised"))
 
 
-def trade_off_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept]) -> str:
-    """For each pair of `TRADE_OFF` that was run and each group of concepts: the first method's lead on the paper's
-    two axes, likeness to the training images (resemblance; reconstruction where they share no context) and edits
-    obeyed, with a 95% interval over concepts (`concept_bootstrap`). The paper's order holds where the lead is
-    above zero on the first axis and below it on the second."""
-    lines = ["| pair | group | concepts | resemblance: lead [95%] | edits obeyed: lead [95%] |",
-             "|---|---|---|---|---|"]
-    for first, second in TRADE_OFF:
-        if not all((c.name, m) in scores for c in concepts for m in (first, second)):
-            continue
+# Lead-table column names per Score field.
+LEAD_LABELS = {"reconstruction": "reconstruction", "editability": "editability", "resemblance": "resemblance",
+               "obeyed": "edits obeyed"}
+
+
+def lead_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
+               pairs: list[tuple[str, str]], fields: tuple[str, ...] = ("resemblance", "obeyed")) -> str:
+    """For each pair and each group of concepts: the first method's lead over the second on each of `fields`, with
+    a 95% interval over concepts (`concept_bootstrap`)."""
+    lines = ["| pair | group | concepts | " + " | ".join(f"{LEAD_LABELS[f]}: lead [95%]" for f in fields) + " |",
+             "|---|---|---|" + "---|" * len(fields)]
+    for first, second in pairs:
         for group, members in concept_groups(concepts).items():
             if not members:
                 continue
-            cells = [concept_bootstrap(scores, members, first, second, f) for f in ("resemblance", "obeyed")]
+            cells = [concept_bootstrap(scores, members, first, second, f) for f in fields]
             lines.append(f"| {first} - {second} | {group} | {len(members)} | "
                          + " | ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in cells) + " |")
     return "\n".join(lines)
+
+
+def trade_off_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept]) -> str:
+    """`lead_table` of each pair of `TRADE_OFF` that was run, on the paper's two axes: likeness to the training
+    images (resemblance; reconstruction where they share no context) and edits obeyed. The paper's order holds where
+    the lead is above zero on the first axis and below it on the second."""
+    run = [(a, b) for a, b in TRADE_OFF if all((c.name, m) in scores for c in concepts for m in (a, b))]
+    return lead_table(scores, concepts, run)
 
 
 # Background words that also name an object colour ("blue", "green"): an edit asking for a blue background has to

@@ -67,22 +67,6 @@ def read(runs: dict[str, dict]) -> tuple[dict[tuple[str, str], evaluate.Score], 
     return scores, concepts, methods, contexts
 
 
-def lead_table(scores: dict[tuple[str, str], evaluate.Score], concepts: list[world.Concept],
-               pairs: list[tuple[str, str]]) -> str:
-    """Each pair's first method's lead over its second on every axis, per group of concepts, with a 95% interval
-    over concepts (`toyworld.concept_bootstrap`)."""
-    fields = ("reconstruction", "editability", "resemblance", "obeyed")
-    lines = ["| pair | group | concepts | " + " | ".join(f"{f}: lead [95%]" for f in fields) + " |",
-             "|---|---|---|" + "---|" * len(fields)]
-    for first, second in pairs:
-        for group, members in bench.concept_groups(concepts).items():
-            if members:
-                cells = [bench.concept_bootstrap(scores, members, first, second, f) for f in fields]
-                lines.append(f"| {first} - {second} | {group} | {len(members)} | "
-                             + " | ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="folders benchmarks/toyworld.py wrote with --out")
@@ -109,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     outputs = {"table.md": bench.table(summary, shared), "trade_off.md": bench.trade_off_table(scores, concepts),
                "edits.md": bench.edit_table(scores, concepts, methods, contexts)}
     if args.pair:
-        outputs["leads.md"] = lead_table(scores, concepts, [tuple(pair) for pair in args.pair])
+        outputs["leads.md"] = bench.lead_table(scores, concepts, [tuple(pair) for pair in args.pair],
+                                               ("reconstruction", "editability", "resemblance", "obeyed"))
     groups = bench.concept_groups(concepts)
     print(f"{len(runs)} runs, {len(concepts)} concepts ({len(groups['named'])} named, {len(groups['unnamed'])} "
           f"unnamed), {summary[methods[0]]['all'].samples} samples of each kind for {methods[0]}\n")

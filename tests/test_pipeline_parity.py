@@ -9,24 +9,13 @@ import pytest
 import torch
 
 import tix
+from tests.test_samplers import oracle
 from tix.errors import ConfigError
-from tix.sampler_names import KARRAS_SUFFIX, SAMPLERS
+from tix.sampler_names import SAMPLERS
 
 PROMPTS = ["a red cat on a green background", "a small blue dog"]
 STEPS = 6
 MAX_LEVELS = 2  # uint8 levels
-
-
-def _scheduler(sampler, config):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    base = sampler.removesuffix(KARRAS_SUFFIX)
-    karras = {"use_karras_sigmas": True} if base != sampler else {}
-    if base == "ddim":
-        return DDIMScheduler.from_config(config)
-    if base == "euler":
-        return EulerDiscreteScheduler.from_config(config, **karras)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2, **karras)
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
@@ -57,7 +46,7 @@ def test_generate_matches_diffusers_pipeline(pair):
         guidance, negative = MODES[(i + shift) % len(MODES)]
         got = sd.generate(PROMPTS, negative=negative, steps=STEPS, guidance=guidance, sampler=sampler,
                           size=size, latents=noise)
-        pipe.scheduler = _scheduler(sampler, base_config)
+        pipe.scheduler = oracle(base_config, sampler)
         with torch.no_grad():
             ref = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance,
                        height=size, width=size, latents=torch.from_numpy(noise).permute(0, 3, 1, 2),

@@ -17,10 +17,13 @@ CONFIGS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 
 
 def oracle(config, sampler):
-    """The diffusers scheduler tix's `sampler` reproduces, built from `config`."""
+    """The diffusers scheduler tix's `sampler` reproduces, built from `config` (any scheduler's, e.g. a pipeline's)."""
     base = sampler.removesuffix(samplers.KARRAS_SUFFIX)
-    # "-karras" is the sampler diffusers users build with from_config(config, use_karras_sigmas=True).
-    return ORACLE[base].from_config(config, **({"use_karras_sigmas": True} if base != sampler else {}))
+    # "-karras" is the sampler diffusers users build with from_config(config, use_karras_sigmas=True); "dpm++2m"
+    # fixes DPM-Solver's algorithm and order whatever the config says.
+    fixed = {"algorithm_type": "dpmsolver++", "solver_order": 2} if base == "dpm++2m" else {}
+    karras = {"use_karras_sigmas": True} if base != sampler else {}
+    return ORACLE[base].from_config(config, **fixed, **karras)
 
 
 def _pair(config, sampler, n):
