@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(tok_dir)
     configs = {
         "text_encoder": M.text_config(vocab_size, args.text),
-        "unet": M.unet_config(args.unet),
+        "unet": M.unet_config(args.unet, M.text_config(vocab_size, args.text)["hidden_size"]),
         "vae": M.vae_config(1.0, args.vae),
         "scheduler": dict(M.SCHEDULER_CONFIG),
     }

@@ -5,12 +5,14 @@ must train, checkpoint and resume like the stages before it."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tix.toyworld import model as M
 from tix.toyworld import model_dir, world
 from tix.weights import read_safetensors
 
@@ -71,3 +73,14 @@ def test_training_captions_drop_and_blend_from_their_own_streams(script):
     fused = sum(world.BLEND in c for c in blended)
     multiword = sum(world.BLEND in world.blend_noun(c) for c in plain)
     assert 0.35 * multiword < fused < 0.65 * multiword
+
+
+def test_a_wider_text_encoder_widens_the_unets_cross_attention(script):
+    # `--text '{"hidden_size": N}'` alone must build a model whose UNet reads N-wide states.
+    shipped = json.loads((model_dir() / "unet" / "config.json").read_text())
+    assert M.unet_config()["cross_attention_dim"] == shipped["cross_attention_dim"]
+    args = script.parse_args(["--text", '{"hidden_size": 96, "intermediate_size": 384}'])
+    text = M.text_config(10, args.text)
+    unet = M.unet_config(args.unet, text["hidden_size"])
+    assert unet["cross_attention_dim"] == 96
+    assert M.unet_config({"cross_attention_dim": 48}, 96)["cross_attention_dim"] == 48  # an explicit --unet wins

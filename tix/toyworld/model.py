@@ -129,10 +129,10 @@ def text_config(vocab_size: int, overrides: dict[str, Any] | None = None) -> dic
     return {**TEXT_CONFIG, "vocab_size": vocab_size, **(overrides or {})}
 
 
-def unet_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    cfg = {**UNET_CONFIG, **(overrides or {})}
-    cfg["cross_attention_dim"] = cfg.get("cross_attention_dim", TEXT_CONFIG["hidden_size"])
-    return cfg
+def unet_config(overrides: dict[str, Any] | None = None, text_width: int | None = None) -> dict[str, Any]:
+    """The UNet's config.json; its cross-attention reads `text_width`-wide states (the text encoder's hidden_size)."""
+    width = text_width or TEXT_CONFIG["hidden_size"]
+    return {**UNET_CONFIG, "cross_attention_dim": width, **(overrides or {})}
 
 
 def vae_config(scaling_factor: float = 1.0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
