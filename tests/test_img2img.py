@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import tix
-from tests.test_samplers import oracle
+from tests.test_samplers import keyed_noise, oracle, tix_step_noise
 from tests.test_schedule import SD1, SD2, SDXL
 from tix import cli, samplers
 from tix.errors import ConfigError
@@ -65,7 +65,9 @@ def test_img2img_loop_matches_diffusers(config_name, sampler, n, strength, maske
     x0 = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
     noise = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
     mask = (rng.uniform(size=(2, 4, 4, 1)) > 0.5).astype(np.float32) if masked else None
-    want, ran = _diffusers_loop(config, sampler, n, strength, x0, noise, mask)
+    keys = jax.random.split(jax.random.key(n), 2)
+    with tix_step_noise(keyed_noise(keys)):
+        want, ran = _diffusers_loop(config, sampler, n, strength, x0, noise, mask)
     calls = []
 
     def model_fn(x, t):
@@ -73,7 +75,8 @@ def test_img2img_loop_matches_diffusers(config_name, sampler, n, strength, maske
         return _model(x, t)
 
     got = samplers.sample(model_fn, NoiseSchedule.from_diffusers(config), sampler, n, jnp.asarray(noise),
-                          init=jnp.asarray(x0), strength=strength, mask=None if mask is None else jnp.asarray(mask))
+                          init=jnp.asarray(x0), strength=strength, mask=None if mask is None else jnp.asarray(mask),
+                          keys=keys)
     assert samplers.make_table(NoiseSchedule.from_diffusers(config), sampler, n).num_steps - \
         samplers.start_step(n, strength) == ran
     err = float(np.abs(np.asarray(got) - want).max())

@@ -1,16 +1,18 @@
 """`sd.generate` against diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline: the same folder, the same
 initial latents (`latents=`), each sampler as the matching diffusers scheduler, with and without guidance and
-negative prompts. The images must agree within a few uint8 levels."""
+negative prompts (Euler ancestral also fed tix's per-step noise). The images must agree within a few uint8 levels."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import tix
-from tests.test_samplers import oracle
+from tests.test_samplers import keyed_noise, oracle, tix_step_noise
 from tix.errors import ConfigError
+from tix.pipeline import step_keys
 from tix.sampler_names import SAMPLERS
 
 PROMPTS = ["a red cat on a green background", "a small blue dog"]
@@ -29,7 +31,7 @@ def pair(request, tiny_dirs):
 
 # (guidance, negative prompts): guided with a negative prompt next to an empty one; unguided (one UNet row per image);
 # guided with no negative prompt at all (SDXL then zeroes the unconditional embedding). Each family pairs every
-# sampler with one mode, rotated so that over the three families every sampler meets every mode (15 compiles, not 45).
+# sampler with one mode, rotated so that over the three families every sampler meets every mode (18 compiles, not 54).
 MODES = [(7.5, ["", "a blurry photo"]), (1.0, None), (5.0, None)]
 KINDS = ("sd1", "sd2", "sdxl")
 
@@ -47,7 +49,7 @@ def test_generate_matches_diffusers_pipeline(pair):
         got = sd.generate(PROMPTS, negative=negative, steps=STEPS, guidance=guidance, sampler=sampler,
                           size=size, latents=noise)
         pipe.scheduler = oracle(base_config, sampler)
-        with torch.no_grad():
+        with torch.no_grad(), tix_step_noise(keyed_noise(jax.random.wrap_key_data(step_keys(0, len(PROMPTS))))):
             ref = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance,
                        height=size, width=size, latents=torch.from_numpy(noise).permute(0, 3, 1, 2),
                        output_type="np").images
@@ -65,6 +67,11 @@ def test_generate_matches_diffusers_pipeline(pair):
     other = sd.generate(PROMPTS, negative=negative, steps=STEPS, guidance=guidance, sampler="ddim", size=size,
                         latents=noise[::-1])
     assert np.abs(again.astype(int) - other.astype(int)).max() > 0
+    # Euler ancestral's fresh noise at every step comes from the seed, latents given or not.
+    got, guidance, negative = images["euler-ancestral"]
+    reseeded = sd.generate(PROMPTS, negative=negative, steps=STEPS, guidance=guidance, sampler="euler-ancestral",
+                           size=size, latents=noise, seed=5)
+    assert np.abs(reseeded.astype(int) - got.astype(int)).max() > 0
 
 
 def test_latents_of_the_wrong_shape_are_refused(pair):

@@ -1,18 +1,29 @@
 """tix.samplers against diffusers' PyTorch schedulers (the oracle): timesteps, single steps, whole guided loops."""
 
+import contextlib
+import itertools
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
 from tests.test_schedule import SD1, SD2, SDXL
 from tix import samplers
 from tix.errors import ConfigError
 from tix.schedule import NoiseSchedule
 
-ORACLE = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}
+ORACLE = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler,
+          "euler-ancestral": EulerAncestralDiscreteScheduler}
 CONFIGS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 
 
@@ -24,6 +35,25 @@ def oracle(config, sampler):
     fixed = {"algorithm_type": "dpmsolver++", "solver_order": 2} if base == "dpm++2m" else {}
     karras = {"use_karras_sigmas": True} if base != sampler else {}
     return ORACLE[base].from_config(config, **fixed, **karras)
+
+
+@contextlib.contextmanager
+def tix_step_noise(draw):
+    """diffusers' Euler ancestral scheduler adding `draw(i, nhwc_shape)` (numpy, NHWC) at its i-th step instead of
+    torch's noise, so its steps can be compared with tix's fed the same noise."""
+    calls = itertools.count()
+
+    def randn_tensor(shape, **_):
+        b, c, h, w = shape
+        return torch.from_numpy(np.array(draw(next(calls), (b, h, w, c)), np.float32)).permute(0, 3, 1, 2)
+
+    with mock.patch.object(scheduling_euler_ancestral_discrete, "randn_tensor", randn_tensor):
+        yield
+
+
+def keyed_noise(keys):
+    """`tix_step_noise`'s draw that is tix's own per-step noise for these row keys."""
+    return lambda i, shape: samplers.step_noise(keys, i, shape)
 
 
 def _pair(config, sampler, n):
@@ -103,6 +133,7 @@ def test_each_step_matches_diffusers(config_name, sampler, change, n):
     alphas_cumprod = ref.alphas_cumprod.numpy().astype(np.float64)
     rng = np.random.default_rng(0)
     prev_x0 = jnp.zeros((2, 8, 8, 4))
+    fresh = np.random.default_rng(1).standard_normal((len(ref.timesteps), 2, 8, 8, 4)).astype(np.float32)
     worst = 0.0
     for i, t in enumerate(ref.timesteps):
         x0 = rng.standard_normal((2, 8, 8, 4))
@@ -121,8 +152,9 @@ def test_each_step_matches_diffusers(config_name, sampler, change, n):
         np.testing.assert_allclose(
             x / table.input_divisor[i], ref.scale_model_input(x_t, t).permute(0, 2, 3, 1).numpy(), rtol=1e-6
         )
-        want = ref.step(torch.from_numpy(m).permute(0, 3, 1, 2), t, x_t).prev_sample.permute(0, 2, 3, 1).numpy()
-        got, prev_x0 = step(table, i, jnp.asarray(x), jnp.asarray(m), prev_x0)
+        with tix_step_noise(lambda _, shape, z=fresh[i]: z):
+            want = ref.step(torch.from_numpy(m).permute(0, 3, 1, 2), t, x_t).prev_sample.permute(0, 2, 3, 1).numpy()
+        got, prev_x0 = step(table, i, jnp.asarray(x), jnp.asarray(m), prev_x0, jnp.asarray(fresh[i]))
         err = float(np.abs(np.asarray(got) - want).max())
         # float32 resolution of the latents: zero terminal SNR makes Euler/DPM's first sigma 4096.
         tol = 1e-5 * max(1.0, float(np.abs(x).max()) / 16)
@@ -164,18 +196,20 @@ def test_guided_loop_matches_diffusers(config_name, sampler, guidance_scale):
     config, n = CONFIGS[config_name], 25
     ref, _ = _pair(config, sampler, n)
     noise = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
-    want = _diffusers_loop(ref, noise, guidance_scale)
+    keys = jax.random.split(jax.random.key(3), 2)
+    with tix_step_noise(keyed_noise(keys)):
+        want = _diffusers_loop(ref, noise, guidance_scale)
     schedule = NoiseSchedule.from_diffusers(config)
 
     @jax.jit
-    def generate(bias, noise):  # the bias plays the params: a jit argument the model closes over
+    def generate(bias, noise, keys):  # the bias plays the params: a jit argument the model closes over
         def model_fn(x, t):
             rows = bias if x.shape[0] == 2 * noise.shape[0] else bias[noise.shape[0]:]
             return 0.1 * x + rows[:, None, None, None] * (1 + t[:, None, None, None] / 1000.0)
 
-        return samplers.sample(model_fn, schedule, sampler, n, noise, guidance_scale=guidance_scale)
+        return samplers.sample(model_fn, schedule, sampler, n, noise, guidance_scale=guidance_scale, keys=keys)
 
-    got = np.asarray(generate(jnp.asarray(FakeModel.bias), jnp.asarray(noise)))
+    got = np.asarray(generate(jnp.asarray(FakeModel.bias), jnp.asarray(noise), keys))
     err = float(np.abs(got - want).max())
     scale = np.abs(want).max()
     print(f"{config_name} {sampler} g={guidance_scale}: max abs error {err:.2e} (max |latent| {scale:.1f})")
@@ -223,6 +257,27 @@ def test_guidance_batches_and_combine():
     assert seen == [(6, 4, 4, 4)]
     unguided = samplers.sample(two_halves, schedule, "euler", 3, noise, guidance_scale=1.0)
     np.testing.assert_allclose(traced, unguided, rtol=1e-6, atol=1e-6)
+
+
+def test_euler_ancestral_draws_fresh_noise_per_row_and_step_from_its_keys():
+    schedule = NoiseSchedule.from_diffusers(SD1)
+    noise = jnp.asarray(np.random.default_rng(4).standard_normal((3, 4, 4, 4)), jnp.float32)
+    keys, other = jax.random.split(jax.random.key(0), 3), jax.random.split(jax.random.key(1), 3)
+    # A row's noise is its own key's: the same whatever rows stand beside it, new at every step.
+    np.testing.assert_array_equal(samplers.step_noise(keys, 2, noise.shape)[1:],
+                                  samplers.step_noise(keys[1:], 2, (2, 4, 4, 4)))
+    assert not np.allclose(samplers.step_noise(keys, 2, noise.shape), samplers.step_noise(keys, 3, noise.shape))
+
+    def run(sampler, k):
+        return np.asarray(samplers.sample(lambda x, t: 0.1 * x, schedule, sampler, 5, noise, keys=k))
+
+    np.testing.assert_array_equal(run("euler-ancestral", keys), run("euler-ancestral", keys))
+    assert np.abs(run("euler-ancestral", keys) - run("euler-ancestral", other)).max() > 0.01
+    np.testing.assert_array_equal(run("euler", keys), run("euler", other))  # a deterministic sampler ignores them
+    with pytest.raises(ConfigError, match="keys="):
+        run("euler-ancestral", None)
+    with pytest.raises(ConfigError, match="noise="):
+        samplers.step(samplers.make_table(schedule, "euler-ancestral", 5), 0, noise, noise)
 
 
 @pytest.mark.parametrize(

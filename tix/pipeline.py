@@ -325,8 +325,9 @@ class StableDiffusion:
     ) -> np.ndarray:
         """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`.
 
-        `sampler`: "ddim", "euler", "dpm++2m", "euler-karras" or "dpm++2m-karras" (`tix.samplers`), each the matching
-        diffusers scheduler built from the model's scheduler config.
+        `sampler`: "ddim", "euler", "dpm++2m", "euler-karras", "dpm++2m-karras" or "euler-ancestral" (`tix.samplers`),
+        each the matching diffusers scheduler built from the model's scheduler config. Euler ancestral's fresh noise
+        at every step comes from `seed` too (`step_keys`), also when `latents` are given.
 
         With `image` (uint8 [H, W, 3], or [B, H, W, 3] one per prompt) this is image-to-image as in diffusers' img2img
         pipeline: the image's VAE latent mean is noised to the level of step `steps - int(steps * strength)` and only
@@ -379,6 +380,8 @@ class StableDiffusion:
                                   f"expected {(n, *shape[1:])} (NHWC)")
             noise = np.concatenate([noise, np.repeat(noise[-1:], padded - n, axis=0)])
         inputs = {"ids": ids, "neg": neg_ids, "noise": noise}
+        if samplers.is_stochastic(sampler):
+            inputs["step_keys"] = step_keys(seed, padded)
         if image is not None:
             inputs["image"] = _pad_rows(image, padded)
             if mask is not None:
@@ -389,6 +392,13 @@ class StableDiffusion:
         fn = _jit_generate(self, sampler, steps, float(guidance), zero_uncond, (height, width), img2img_strength)
         images = fn(params, self.extras(), batch)
         return np.asarray(images)[:n]
+
+
+def step_keys(seed: int, rows: int) -> np.ndarray:
+    """The raw PRNG keys ([rows, ...] uint32) of a stochastic sampler's per-step noise for prompt rows 0..rows-1 of
+    `seed`; row r's key depends on r alone, and it travels sharded with its row."""
+    base = jax.random.fold_in(jax.random.key(seed), 1)  # the starting noise is drawn from key(seed) itself
+    return np.asarray(jax.random.key_data(jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(rows))))
 
 
 def image_rows(image: Any, n: int) -> np.ndarray:
@@ -513,8 +523,9 @@ def _jit_generate(sd, sampler, steps, guidance, zero_uncond, size, strength, par
     if "image" in batch:
         mean, _ = sd.encode_fn(params, batch["image"].astype(jnp.float32) / 127.5 - 1.0)
         init = sd.scale_latents(mean)
+    keys = jax.random.wrap_key_data(batch["step_keys"]) if "step_keys" in batch else None
     latents = samplers.sample(
         model_fn, sd.schedule, sampler, steps, batch["noise"], guidance_scale=guidance,
-        init=init, strength=1.0 if strength is None else strength, mask=batch.get("mask"),
+        init=init, strength=1.0 if strength is None else strength, mask=batch.get("mask"), keys=keys,
     )
     return to_uint8(sd.decode_fn(params, latents))

@@ -1,4 +1,4 @@
-"""Deterministic samplers (DDIM, Euler, DPM-Solver++(2M), the last two also on Karras sigmas) as pure step
+"""Samplers (DDIM, Euler, DPM-Solver++(2M), the last two also on Karras sigmas, and Euler ancestral) as pure step
 functions over precomputed tables.
 
 Each sampler reproduces a diffusers scheduler built with ``<Class>.from_config(scheduler_config)``: the same
@@ -11,6 +11,11 @@ Each sampler reproduces a diffusers scheduler built with ``<Class>.from_config(s
             whatever the config says). Defaults: timestep_spacing "linspace", solver_type "midpoint",
             lower_order_final true, final_sigmas_type "zero".
 =========== ====================================================================================================
+
+``euler-ancestral`` is ``EulerAncestralDiscreteScheduler`` (AUTOMATIC1111's "Euler a"; default timestep_spacing
+"linspace"): each step goes to a lower noise level than Euler's and adds fresh noise back up to the next one, so the
+picture keeps changing with the step count. Its noise comes from per-row PRNG keys (:func:`step_noise`), not torch's
+generator: fed the same noise it matches diffusers step for step, but one seed draws other pictures in the two.
 
 ``euler-karras`` and ``dpm++2m-karras`` are the same samplers with ``use_karras_sigmas=True`` (AUTOMATIC1111's
 "Euler Karras" and "DPM++ 2M Karras"): the noise levels of Karras et al. 2022 (rho 7) between the schedule's highest and
@@ -86,6 +91,8 @@ def make_table(schedule: NoiseSchedule, sampler: str, num_steps: int) -> Sampler
     base = sampler.removesuffix(KARRAS_SUFFIX)
     if base == "ddim":
         return _ddim_table(schedule, int(num_steps))
+    if base == "euler-ancestral":
+        return _euler_ancestral_table(schedule, int(num_steps))
     asked = _field(schedule, base, "use_karras_sigmas", False, (True, False, None))
     karras = sampler.endswith(KARRAS_SUFFIX) or bool(asked)
     build = {"euler": _euler_table, "dpm++2m": _dpm_table}[base]
@@ -281,51 +288,87 @@ def _ddim_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m:
 # Euler
 
 
-def _euler_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerTable:
-    name = "euler"
+def _euler_spaced(schedule: NoiseSchedule, name: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Euler family's ``n`` timesteps, their sigmas (interpolated linearly in sigma between table entries) and
+    the training sigmas, as diffusers' Euler schedulers' ``set_timesteps``."""
     num_train = schedule.num_train_timesteps
     spacing = _spacing(schedule, name, "linspace")
     offset = _steps_offset(schedule, name)
-    _reject_sigma_variants(schedule, name)
-    _field(schedule, name, "interpolation_type", "linear", ("linear",))
-    if schedule.prediction_type == "v_prediction":
-        # Continuous timesteps feed the model 0.25*log(sigma) instead of t: a different model convention.
-        _field(schedule, name, "timestep_type", "discrete", ("discrete",))
-
     if spacing == "linspace":
         ts = np.linspace(0, num_train - 1, n, dtype=np.float32)[::-1].copy()
     elif spacing == "leading":
         ts = (np.arange(n) * (num_train // n)).round()[::-1].astype(np.float32) + np.float32(offset)
     else:
         ts = np.arange(num_train, 0, -num_train / n).round().astype(np.float32) - np.float32(1)
-    alphas_cumprod = _sampling_alphas_cumprod(schedule)
-    train_sigmas = _train_sigmas(alphas_cumprod)
-    # Timesteps between table entries get a sigma linearly interpolated in sigma, as diffusers' "linear" type.
-    sigmas = np.interp(ts, np.arange(num_train), train_sigmas)
+    train_sigmas = _train_sigmas(_sampling_alphas_cumprod(schedule))
+    return ts, np.interp(ts, np.arange(num_train), train_sigmas), train_sigmas
+
+
+def _euler_init_sigma(schedule: NoiseSchedule, name: str, sigmas: np.ndarray) -> float:
+    max_sigma = sigmas.max()
+    spacing = _spacing(schedule, name, "linspace")
+    return float(max_sigma if spacing in ("linspace", "trailing") else np.sqrt(max_sigma**2 + np.float32(1)))
+
+
+def _euler_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerTable:
+    name = "euler"
+    _reject_sigma_variants(schedule, name)
+    _field(schedule, name, "interpolation_type", "linear", ("linear",))
+    if schedule.prediction_type == "v_prediction":
+        # Continuous timesteps feed the model 0.25*log(sigma) instead of t: a different model convention.
+        _field(schedule, name, "timestep_type", "discrete", ("discrete",))
+    ts, sigmas, train_sigmas = _euler_spaced(schedule, name, n)
     if karras:
         # Between the spaced schedule's own ends, unless the config pins them (EulerDiscreteScheduler's sigma_min/max).
         high = _sigma_bound(schedule, name, "sigma_max", sigmas[0])
         low = _sigma_bound(schedule, name, "sigma_min", sigmas[-1])
         sigmas = _karras_sigmas(high, low, n)
         ts = _sigma_to_t(sigmas, train_sigmas)
-    sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]]))
-    max_sigma = sigmas.max()
-    init = max_sigma if spacing in ("linspace", "trailing") else np.sqrt(max_sigma**2 + np.float32(1))
+    sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, _sampling_alphas_cumprod(schedule))]]))
     coeffs = {"sigma": sigmas[:-1], "sigma_next": sigmas[1:]}
     divisor = np.sqrt(sigmas[:-1] ** 2 + np.float32(1)).astype(np.float32)
     # Euler's latents are variance-exploding: x0 + sigma * noise.
-    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), divisor, float(init), coeffs,
-                        np.ones(n, np.float32), sigmas[:-1])
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), divisor,
+                        _euler_init_sigma(schedule, name, sigmas), coeffs, np.ones(n, np.float32), sigmas[:-1])
+
+
+def _euler_ancestral_table(schedule: NoiseSchedule, n: int) -> SamplerTable:
+    # EulerAncestralDiscreteScheduler has no sigma variants, interpolation or final-sigma fields: a config's are
+    # ignored there, and so here. It always ends at sigma 0.
+    name = "euler-ancestral"
+    ts, sigmas, _ = _euler_spaced(schedule, name, n)
+    sigmas = _f32(np.concatenate([sigmas, [0.0]]))
+    sigma, nxt = sigmas[:-1], sigmas[1:]
+    # Each step lands at sigma_down deterministically, then adds fresh noise of sigma_up, so that
+    # sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion's get_ancestral_step, eta 1).
+    up = np.sqrt(nxt**2 * (sigma**2 - nxt**2) / sigma**2).astype(np.float32)
+    down = np.sqrt(nxt**2 - up**2).astype(np.float32)
+    coeffs = {"sigma": sigma, "sigma_next": nxt, "sigma_up": up, "sigma_down": down}
+    divisor = np.sqrt(sigma**2 + np.float32(1)).astype(np.float32)
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), divisor,
+                        _euler_init_sigma(schedule, name, sigmas), coeffs, np.ones(n, np.float32), sigma)
+
+
+def _euler_x0(table: SamplerTable, sigma: jax.Array, x: jax.Array, m: jax.Array) -> jax.Array:
+    if table.prediction_type == "epsilon":
+        return x - sigma * m
+    return m * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
 
 
 def _euler_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
     sigma = c["sigma"]
-    if table.prediction_type == "epsilon":
-        x0 = x - sigma * m
-    else:
-        x0 = m * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+    x0 = _euler_x0(table, sigma, x, m)
     derivative = (x - x0) / sigma
     return x + derivative * (c["sigma_next"] - sigma), x0
+
+
+def _euler_ancestral_step(
+    table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m: jax.Array, noise: jax.Array
+) -> tuple[jax.Array, ...]:
+    sigma = c["sigma"]
+    x0 = _euler_x0(table, sigma, x, m)
+    derivative = (x - x0) / sigma
+    return x + derivative * (c["sigma_down"] - sigma) + noise * c["sigma_up"], x0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -421,13 +464,19 @@ def _dpm_step(
 
 
 def step(
-    table: SamplerTable, i: jax.Array | int, x: jax.Array, model_output: jax.Array, prev_x0: jax.Array | None = None
+    table: SamplerTable,
+    i: jax.Array | int,
+    x: jax.Array,
+    model_output: jax.Array,
+    prev_x0: jax.Array | None = None,
+    noise: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One sampler step from step ``i``'s latents ``x`` (not input-scaled) and the model's output there.
 
     Returns ``(x_next, x0)``: the latents of step ``i + 1`` and the step's prediction of the clean latents, which
-    DPM-Solver++(2M) needs back as ``prev_x0`` on the next step (ignored by DDIM and Euler). Works in float32; ``i``
-    may be traced.
+    DPM-Solver++(2M) needs back as ``prev_x0`` on the next step (ignored by the others). ``noise``: the fresh unit
+    Gaussian noise of the shape of ``x`` that a stochastic sampler (:func:`is_stochastic`) adds; the others ignore it.
+    Works in float32; ``i`` may be traced.
     """
     c = {k: jnp.asarray(v)[i] for k, v in table.coeffs.items()}
     x = x.astype(jnp.float32)
@@ -436,7 +485,22 @@ def step(
         return _ddim_step(table, c, x, m)
     if table.sampler == "euler":
         return _euler_step(table, c, x, m)
+    if table.sampler == "euler-ancestral":
+        if noise is None:
+            raise ConfigError("the euler-ancestral sampler adds fresh noise at every step: pass noise=")
+        return _euler_ancestral_step(table, c, x, m, noise.astype(jnp.float32))
     return _dpm_step(table, c, x, m, jnp.zeros_like(x) if prev_x0 is None else prev_x0.astype(jnp.float32))
+
+
+def is_stochastic(sampler: str) -> bool:
+    """Whether ``sampler`` adds fresh noise at every step (then :func:`sample` needs ``keys``)."""
+    return sampler == "euler-ancestral"
+
+
+def step_noise(keys: jax.Array, i: jax.Array | int, shape: tuple[int, ...]) -> jax.Array:
+    """The noise a stochastic sampler adds at step ``i``: for row ``b``, unit Gaussian of ``shape[1:]`` drawn from
+    ``fold_in(keys[b], i)``. Each row has its own stream, so a row's noise does not depend on the batch around it."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape[1:], jnp.float32))(keys)
 
 
 def doubles_batch(guidance_scale: float | jax.Array) -> bool:
@@ -465,6 +529,7 @@ def sample(
     init: jax.Array | None = None,
     strength: float = 1.0,
     mask: jax.Array | None = None,
+    keys: jax.Array | None = None,
 ) -> jax.Array:
     """Runs the whole sampling loop (one ``lax.scan``) from unit Gaussian ``noise`` [B, H, W, C]; returns the final
     latents (float32, not yet divided by the VAE scaling factor).
@@ -474,6 +539,9 @@ def sample(
     with ``mask`` ([B, H, W, 1] in [0, 1], 1 where to edit) too, after every step the latents outside the mask are
     replaced by ``init`` noised with the same ``noise`` to the next step's level, and by ``init`` itself after the last
     step (Blended Latent Diffusion, as diffusers' inpainting pipeline does for a 4-channel UNet).
+
+    ``keys``: one PRNG key per row ([B], typed), for a stochastic sampler's fresh noise at every step
+    (:func:`step_noise`); required by those, ignored by the others.
 
     Contract for ``model_fn(latents_in, t) -> model_output``:
 
@@ -499,6 +567,9 @@ def sample(
     table = make_table(schedule, sampler, num_steps)
     if mask is not None and init is None:
         raise ConfigError("a mask needs the image it edits: pass its latents as init")
+    stochastic = is_stochastic(sampler)
+    if stochastic and keys is None:
+        raise ConfigError(f"the {sampler!r} sampler adds fresh noise at every step: pass keys= (one PRNG key per row)")
     if init is None:
         x = noise.astype(jnp.float32) * jnp.float32(table.init_noise_sigma)
     else:
@@ -518,7 +589,8 @@ def sample(
         out = model_fn(x_in, t).astype(jnp.float32)
         if cfg:
             out = guide(out[:batch], out[batch:], guidance_scale)
-        x_next, x0 = step(table, i, x, out, prev_x0)
+        fresh = step_noise(keys, i, x.shape) if stochastic else None
+        x_next, x0 = step(table, i, x, out, prev_x0, fresh)
         if mask is not None:
             x_next = blend(x_next, add_noise(table, i + 1, init, noise), mask)
         return (x_next, x0), None
