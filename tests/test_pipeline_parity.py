@@ -1,6 +1,6 @@
 """`sd.generate` against diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline: the same folder, the same
 initial latents (`latents=`), each sampler as the matching diffusers scheduler, with and without guidance and
-negative prompts (Euler ancestral also fed tix's per-step noise). The images must agree within a few uint8 levels."""
+negative prompts (the stochastic ones fed tix's per-step noise). The images must agree within a few uint8 levels."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def pair(request, tiny_dirs):
 
 # (guidance, negative prompts): guided with a negative prompt next to an empty one; unguided (one UNet row per image);
 # guided with no negative prompt at all (SDXL then zeroes the unconditional embedding). Each family pairs every
-# sampler with one mode, rotated so that over the three families every sampler meets every mode (18 compiles, not 54).
+# sampler with one mode, rotated so that over the three families every sampler meets every mode (24 compiles, not 72).
 MODES = [(7.5, ["", "a blurry photo"]), (1.0, None), (5.0, None)]
 KINDS = ("sd1", "sd2", "sdxl")
 

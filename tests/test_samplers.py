@@ -15,7 +15,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
 )
-from diffusers.schedulers import scheduling_euler_ancestral_discrete
+from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete
 
 from tests.test_schedule import SD1, SD2, SDXL
 from tix import samplers
@@ -23,7 +23,8 @@ from tix.errors import ConfigError
 from tix.schedule import NoiseSchedule
 
 ORACLE = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler,
-          "euler-ancestral": EulerAncestralDiscreteScheduler}
+          "euler-ancestral": EulerAncestralDiscreteScheduler, "dpm++2m-sde": DPMSolverMultistepScheduler}
+STOCHASTIC = [s for s in samplers.SAMPLERS if samplers.is_stochastic(s)]
 CONFIGS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 
 
@@ -31,23 +32,25 @@ def oracle(config, sampler):
     """The diffusers scheduler tix's `sampler` reproduces, built from `config` (any scheduler's, e.g. a pipeline's)."""
     base = sampler.removesuffix(samplers.KARRAS_SUFFIX)
     # "-karras" is the sampler diffusers users build with from_config(config, use_karras_sigmas=True); "dpm++2m"
-    # fixes DPM-Solver's algorithm and order whatever the config says.
-    fixed = {"algorithm_type": "dpmsolver++", "solver_order": 2} if base == "dpm++2m" else {}
+    # and "dpm++2m-sde" fix DPM-Solver's algorithm and order whatever the config says.
+    algorithm = {"dpm++2m": "dpmsolver++", "dpm++2m-sde": "sde-dpmsolver++"}.get(base)
+    fixed = {"algorithm_type": algorithm, "solver_order": 2} if algorithm else {}
     karras = {"use_karras_sigmas": True} if base != sampler else {}
     return ORACLE[base].from_config(config, **fixed, **karras)
 
 
 @contextlib.contextmanager
 def tix_step_noise(draw):
-    """diffusers' Euler ancestral scheduler adding `draw(i, nhwc_shape)` (numpy, NHWC) at its i-th step instead of
-    torch's noise, so its steps can be compared with tix's fed the same noise."""
+    """diffusers' stochastic schedulers (Euler ancestral, DPM-Solver++ SDE) adding `draw(i, nhwc_shape)` (numpy,
+    NHWC) at their i-th step instead of torch's noise, so their steps can be compared with tix's fed the same noise."""
     calls = itertools.count()
 
     def randn_tensor(shape, **_):
         b, c, h, w = shape
         return torch.from_numpy(np.array(draw(next(calls), (b, h, w, c)), np.float32)).permute(0, 3, 1, 2)
 
-    with mock.patch.object(scheduling_euler_ancestral_discrete, "randn_tensor", randn_tensor):
+    with (mock.patch.object(scheduling_euler_ancestral_discrete, "randn_tensor", randn_tensor),
+          mock.patch.object(scheduling_dpmsolver_multistep, "randn_tensor", randn_tensor)):
         yield
 
 
@@ -111,6 +114,12 @@ STEP_CASES = [
     ("sd1", "dpm++2m-karras", {"final_sigmas_type": "sigma_min"}, 10),
     ("sd1", "euler-karras", {"sigma_min": 0.1, "sigma_max": 10.0}, 25),
     ("sd2", "euler-karras", {"timestep_spacing": "leading", "steps_offset": 1}, 25),
+    ("sd1", "dpm++2m-sde", {"solver_type": "heun"}, 25),
+    ("sd1", "dpm++2m-sde", {"final_sigmas_type": "sigma_min"}, 20),
+    ("sd1", "dpm++2m-sde", {"final_sigmas_type": "sigma_min"}, 10),
+    ("sd2", "dpm++2m-sde-karras", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 25),
+    ("sd2", "euler-ancestral", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 25),
+    ("sd1", "euler-ancestral", {"timestep_spacing": "leading", "steps_offset": 1}, 25),
 ]
 
 
@@ -213,7 +222,8 @@ def test_guided_loop_matches_diffusers(config_name, sampler, guidance_scale):
     err = float(np.abs(got - want).max())
     scale = np.abs(want).max()
     print(f"{config_name} {sampler} g={guidance_scale}: max abs error {err:.2e} (max |latent| {scale:.1f})")
-    assert err <= 1e-4
+    # float32 resolution: the SDE sampler with guidance drives this stand-in model's latents to about 100.
+    assert err <= 2e-6 * max(scale, 50.0)
 
 
 def test_guidance_batches_and_combine():
@@ -259,7 +269,8 @@ def test_guidance_batches_and_combine():
     np.testing.assert_allclose(traced, unguided, rtol=1e-6, atol=1e-6)
 
 
-def test_euler_ancestral_draws_fresh_noise_per_row_and_step_from_its_keys():
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_stochastic_samplers_draw_fresh_noise_per_row_and_step_from_their_keys(sampler):
     schedule = NoiseSchedule.from_diffusers(SD1)
     noise = jnp.asarray(np.random.default_rng(4).standard_normal((3, 4, 4, 4)), jnp.float32)
     keys, other = jax.random.split(jax.random.key(0), 3), jax.random.split(jax.random.key(1), 3)
@@ -271,13 +282,13 @@ def test_euler_ancestral_draws_fresh_noise_per_row_and_step_from_its_keys():
     def run(sampler, k):
         return np.asarray(samplers.sample(lambda x, t: 0.1 * x, schedule, sampler, 5, noise, keys=k))
 
-    np.testing.assert_array_equal(run("euler-ancestral", keys), run("euler-ancestral", keys))
-    assert np.abs(run("euler-ancestral", keys) - run("euler-ancestral", other)).max() > 0.01
+    np.testing.assert_array_equal(run(sampler, keys), run(sampler, keys))
+    assert np.abs(run(sampler, keys) - run(sampler, other)).max() > 0.01
     np.testing.assert_array_equal(run("euler", keys), run("euler", other))  # a deterministic sampler ignores them
     with pytest.raises(ConfigError, match="keys="):
-        run("euler-ancestral", None)
+        run(sampler, None)
     with pytest.raises(ConfigError, match="noise="):
-        samplers.step(samplers.make_table(schedule, "euler-ancestral", 5), 0, noise, noise)
+        samplers.step(samplers.make_table(schedule, sampler, 5), 0, noise, noise)
 
 
 @pytest.mark.parametrize(

@@ -325,9 +325,10 @@ class StableDiffusion:
     ) -> np.ndarray:
         """Images (uint8 NHWC) for `prompts`, the whole denoising loop in one compiled function, batch over `mesh`.
 
-        `sampler`: "ddim", "euler", "dpm++2m", "euler-karras", "dpm++2m-karras" or "euler-ancestral" (`tix.samplers`),
-        each the matching diffusers scheduler built from the model's scheduler config. Euler ancestral's fresh noise
-        at every step comes from `seed` too (`step_keys`), also when `latents` are given.
+        `sampler`: one of `tix.sampler_names.SAMPLERS` ("ddim", "euler", "dpm++2m", "euler-karras", "dpm++2m-karras",
+        "euler-ancestral", "dpm++2m-sde", "dpm++2m-sde-karras"), each the matching diffusers scheduler built from the
+        model's scheduler config. The fresh noise the last three add at every step comes from `seed` too
+        (`step_keys`), also when `latents` are given.
 
         With `image` (uint8 [H, W, 3], or [B, H, W, 3] one per prompt) this is image-to-image as in diffusers' img2img
         pipeline: the image's VAE latent mean is noised to the level of step `steps - int(steps * strength)` and only

@@ -1,5 +1,5 @@
-"""Samplers (DDIM, Euler, DPM-Solver++(2M), the last two also on Karras sigmas, and Euler ancestral) as pure step
-functions over precomputed tables.
+"""Samplers (DDIM, Euler, DPM-Solver++(2M), Euler ancestral and DPM-Solver++(2M) SDE, the Euler and DPM ones also on
+Karras sigmas) as pure step functions over precomputed tables.
 
 Each sampler reproduces a diffusers scheduler built with ``<Class>.from_config(scheduler_config)``: the same
 ``set_timesteps(n)`` timesteps, the same sigmas and the same update, for epsilon and v-prediction models:
@@ -12,17 +12,21 @@ Each sampler reproduces a diffusers scheduler built with ``<Class>.from_config(s
             lower_order_final true, final_sigmas_type "zero".
 =========== ====================================================================================================
 
-``euler-ancestral`` is ``EulerAncestralDiscreteScheduler`` (AUTOMATIC1111's "Euler a"; default timestep_spacing
-"linspace"): each step goes to a lower noise level than Euler's and adds fresh noise back up to the next one, so the
-picture keeps changing with the step count. Its noise comes from per-row PRNG keys (:func:`step_noise`), not torch's
-generator: fed the same noise it matches diffusers step for step, but one seed draws other pictures in the two.
+Two samplers add fresh noise at every step (:func:`is_stochastic`), so the picture keeps changing with the step
+count: ``euler-ancestral`` is ``EulerAncestralDiscreteScheduler`` (AUTOMATIC1111's "Euler a"; default
+timestep_spacing "linspace"), each step going to a lower noise level than Euler's and adding noise back up to the next;
+``dpm++2m-sde`` is ``DPMSolverMultistepScheduler`` with algorithm_type "sde-dpmsolver++" (AUTOMATIC1111's "DPM++ 2M
+SDE", with ``-karras`` "DPM++ 2M SDE Karras"), the same fields and defaults as ``dpm++2m``. Their noise comes from
+per-row PRNG keys (:func:`step_noise`), not torch's generator: fed the same noise they match diffusers step for step,
+but one seed draws other pictures in the two.
 
-``euler-karras`` and ``dpm++2m-karras`` are the same samplers with ``use_karras_sigmas=True`` (AUTOMATIC1111's
-"Euler Karras" and "DPM++ 2M Karras"): the noise levels of Karras et al. 2022 (rho 7) between the schedule's highest and
-lowest, and the timesteps the model is given read back from them. A config that sets ``use_karras_sigmas`` gets them
-under the plain name too, as diffusers' ``from_config`` does. Where Karras sigmas give the first two steps one whole
-timestep (zero-SNR or cosine schedules), diffusers' text-to-image loop starts at the second step and fails past the
-last (IndexError); tix runs every step, as diffusers does after ``set_begin_index(0)``.
+``euler-karras``, ``dpm++2m-karras`` and ``dpm++2m-sde-karras`` are the same samplers with ``use_karras_sigmas=True``
+(AUTOMATIC1111's "Euler Karras", "DPM++ 2M Karras" and "DPM++ 2M SDE Karras"): the noise levels of Karras et al. 2022
+(rho 7) between the schedule's highest and lowest, and the timesteps the model is given read back from them. A config
+that sets ``use_karras_sigmas`` gets them under the plain name too, as diffusers' ``from_config`` does. Where Karras
+sigmas give the first two steps one whole timestep (zero-SNR or cosine schedules), diffusers' text-to-image loop starts
+at the second step and fails past the last (IndexError); tix runs every step, as diffusers does after
+``set_begin_index(0)``.
 
 A field missing from the config takes the default of the sampler's diffusers class (so one SD 1.5 config gives DDIM
 "leading" but Euler "linspace" timesteps, exactly as in diffusers); a field set to something tix does not implement
@@ -95,8 +99,9 @@ def make_table(schedule: NoiseSchedule, sampler: str, num_steps: int) -> Sampler
         return _euler_ancestral_table(schedule, int(num_steps))
     asked = _field(schedule, base, "use_karras_sigmas", False, (True, False, None))
     karras = sampler.endswith(KARRAS_SUFFIX) or bool(asked)
-    build = {"euler": _euler_table, "dpm++2m": _dpm_table}[base]
-    return build(schedule, int(num_steps), karras)
+    if base == "euler":
+        return _euler_table(schedule, int(num_steps), karras)
+    return _dpm_table(schedule, int(num_steps), karras, sde=base == "dpm++2m-sde")
 
 
 def start_step(num_steps: int, strength: float) -> int:
@@ -118,7 +123,7 @@ def start_at(table: SamplerTable, first: int) -> SamplerTable:
     if not 0 <= first < table.num_steps:
         raise ConfigError(f"cannot start at step {first} of {table.num_steps}")
     coeffs = {k: v[first:] for k, v in table.coeffs.items()}
-    if table.sampler == "dpm++2m":
+    if table.sampler in ("dpm++2m", "dpm++2m-sde"):
         # diffusers counts solver orders from the first step it runs, so that step is first order: no prev_x0 yet.
         coeffs["c_d1"] = coeffs["c_d1"].copy()
         coeffs["c_d1"][0] = 0.0
@@ -375,11 +380,8 @@ def _euler_ancestral_step(
 # DPM-Solver++(2M)
 
 
-def _dpm_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerTable:
-    name = "dpm++2m"
-    num_train = schedule.num_train_timesteps
-    spacing = _spacing(schedule, name, "linspace")
-    offset = _steps_offset(schedule, name)
+def _dpm_table(schedule: NoiseSchedule, n: int, karras: bool = False, sde: bool = False) -> SamplerTable:
+    name = "dpm++2m-sde" if sde else "dpm++2m"
     _reject_sigma_variants(schedule, name)
     _field(schedule, name, "thresholding", False, (False,))
     variance_type = _field(schedule, name, "variance_type", None)
@@ -388,12 +390,18 @@ def _dpm_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> Sampler
             f"scheduler config field variance_type={variance_type!r} (a model that also outputs its variance) is not "
             f"supported by the {name!r} sampler"
         )
-    solver_type = _field(schedule, name, "solver_type", "midpoint", ("midpoint", "heun"))
-    lower_order_final = _field(schedule, name, "lower_order_final", True, (True, False))
-    euler_at_final = _field(schedule, name, "euler_at_final", False, (True, False))
-    final_type = _field(schedule, name, "final_sigmas_type", "zero", ("zero", "sigma_min"))
-    lambda_min = _field(schedule, name, "lambda_min_clipped", float("-inf"))
+    ts, sigmas = _dpm_sigmas(schedule, name, n, karras)
+    coeffs = _dpm_coeffs(schedule, name, sigmas, sde)
+    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), np.ones(len(ts), np.float32), 1.0,
+                        coeffs, coeffs["alpha"], coeffs["noise"])
 
+
+def _dpm_sigmas(schedule: NoiseSchedule, name: str, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
+    """DPM-Solver's ``n`` timesteps and their ``n + 1`` VE sigmas (the last the final one), as its ``set_timesteps``."""
+    num_train = schedule.num_train_timesteps
+    spacing = _spacing(schedule, name, "linspace")
+    offset = _steps_offset(schedule, name)
+    lambda_min = _field(schedule, name, "lambda_min_clipped", float("-inf"))
     alphas_cumprod = _sampling_alphas_cumprod(schedule)
     # Timesteps whose log-SNR lies below lambda_min_clipped are cut from the top of the range.
     lambdas = np.log(np.sqrt(alphas_cumprod)) - np.log(np.sqrt(np.float32(1) - alphas_cumprod))
@@ -414,17 +422,29 @@ def _dpm_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> Sampler
         ts = (t if schedule.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64)
     else:
         sigmas = np.interp(ts, np.arange(num_train), train_sigmas)
-    sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]])).astype(np.float64)
-    steps = len(ts)
+    final = _final_sigma(schedule, name, alphas_cumprod)
+    return ts, _f32(np.concatenate([sigmas, [final]])).astype(np.float64)
 
+
+def _dpm_coeffs(schedule: NoiseSchedule, name: str, sigmas: np.ndarray, sde: bool) -> dict[str, np.ndarray]:
+    """DPM-Solver++(2M)'s per-step update as ``x_next = c_x x + c_d0 x0 + c_d1 (x0 - prev_x0) + c_n noise``; the
+    SDE variant (``sde``) damps the latents by exp(-h) more and puts fresh noise in their place (c_n)."""
+    solver_type = _field(schedule, name, "solver_type", "midpoint", ("midpoint", "heun"))
+    lower_order_final = _field(schedule, name, "lower_order_final", True, (True, False))
+    euler_at_final = _field(schedule, name, "euler_at_final", False, (True, False))
+    final_type = _field(schedule, name, "final_sigmas_type", "zero", ("zero", "sigma_min"))
+    steps = len(sigmas) - 1
     alpha = 1 / np.sqrt(sigmas**2 + 1)  # sigma is the VE noise level; alpha, sigma*alpha the VP signal/noise scales
     noise = sigmas * alpha
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(noise)  # +inf at a final sigma of 0
     i = np.arange(steps)
     h = lam[i + 1] - lam[i]
-    expm = np.where(np.isinf(h), -1.0, np.expm1(-np.where(np.isinf(h), 0.0, h)))  # exp(-h) - 1
-    c_x = noise[i + 1] / noise[i]
+    inf = np.isinf(h)
+    # The ODE's step takes exp(-h) - 1, the SDE's exp(-2h) - 1; both are -1 into sigma 0 (h infinite).
+    k = 2.0 if sde else 1.0
+    expm = np.where(inf, -1.0, np.expm1(-k * np.where(inf, 0.0, h)))
+    c_x = noise[i + 1] / noise[i] * (np.exp(-np.where(inf, 0.0, h)) if sde else 1.0)
     c_d0 = -alpha[i + 1] * expm
     # Second order from the second step on, except a last step into sigma 0 (where h is infinite), or when asked to
     # finish with first order (short schedules, euler_at_final).
@@ -437,17 +457,12 @@ def _dpm_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> Sampler
         c_d1 = np.where(second, 0.5 * c_d0 * inv_r, 0.0)
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
-            heun = alpha[i + 1] * (expm / h + 1.0)
+            heun = alpha[i + 1] * (expm / (k * h) + 1.0)
         c_d1 = np.where(second, heun * inv_r, 0.0)
-    coeffs = {
-        "alpha": _f32(alpha[:-1]),
-        "noise": _f32(noise[:-1]),
-        "c_x": _f32(c_x),
-        "c_d0": _f32(c_d0),
-        "c_d1": _f32(c_d1),
-    }
-    return SamplerTable(name, schedule.prediction_type, ts.astype(np.float32), np.ones(steps, np.float32), 1.0, coeffs,
-                        coeffs["alpha"], coeffs["noise"])
+    coeffs = {"alpha": alpha[:-1], "noise": noise[:-1], "c_x": c_x, "c_d0": c_d0, "c_d1": c_d1}
+    if sde:
+        coeffs["c_n"] = noise[i + 1] * np.sqrt(-expm)
+    return {key: _f32(value) for key, value in coeffs.items()}
 
 
 def _dpm_step(
@@ -485,16 +500,19 @@ def step(
         return _ddim_step(table, c, x, m)
     if table.sampler == "euler":
         return _euler_step(table, c, x, m)
+    if is_stochastic(table.sampler) and noise is None:
+        raise ConfigError(f"the {table.sampler} sampler adds fresh noise at every step: pass noise=")
     if table.sampler == "euler-ancestral":
-        if noise is None:
-            raise ConfigError("the euler-ancestral sampler adds fresh noise at every step: pass noise=")
         return _euler_ancestral_step(table, c, x, m, noise.astype(jnp.float32))
-    return _dpm_step(table, c, x, m, jnp.zeros_like(x) if prev_x0 is None else prev_x0.astype(jnp.float32))
+    x_next, x0 = _dpm_step(table, c, x, m, jnp.zeros_like(x) if prev_x0 is None else prev_x0.astype(jnp.float32))
+    if table.sampler == "dpm++2m-sde":
+        x_next = x_next + c["c_n"] * noise.astype(jnp.float32)
+    return x_next, x0
 
 
 def is_stochastic(sampler: str) -> bool:
     """Whether ``sampler`` adds fresh noise at every step (then :func:`sample` needs ``keys``)."""
-    return sampler == "euler-ancestral"
+    return sampler.removesuffix(KARRAS_SUFFIX) in ("euler-ancestral", "dpm++2m-sde")
 
 
 def step_noise(keys: jax.Array, i: jax.Array | int, shape: tuple[int, ...]) -> jax.Array:
