@@ -106,7 +106,7 @@ def make_table(schedule: NoiseSchedule, sampler: str, num_steps: int) -> Sampler
 
 def start_step(num_steps: int, strength: float) -> int:
     """The step image-to-image starts from: diffusers' ``get_timesteps``, which keeps the last
-    ``int(num_steps * strength)`` steps of the ``num_steps`` schedule (all three samplers are of order 1 there)."""
+    ``int(num_steps * strength)`` steps of the ``num_steps`` schedule (every sampler runs its first step at order 1)."""
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise ConfigError(f"strength={strength!r} must be a number between 0 and 1")
     kept = min(int(num_steps * strength), num_steps)
