@@ -330,9 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     tok_dir = work / "tokenizer"
     vocab_size = write_clip_tokenizer(tok_dir, world.vocabulary(erased=True))
     tokenizer = load_tokenizer(tok_dir)
+    text_config = M.text_config(vocab_size, args.text)
     configs = {
-        "text_encoder": M.text_config(vocab_size, args.text),
-        "unet": M.unet_config(args.unet, M.text_config(vocab_size, args.text)["hidden_size"]),
+        "text_encoder": text_config,
+        "unet": M.unet_config(args.unet, text_config["hidden_size"]),
         "vae": M.vae_config(1.0, args.vae),
         "scheduler": dict(M.SCHEDULER_CONFIG),
     }

@@ -295,7 +295,7 @@ def _ddim_step(table: SamplerTable, c: Mapping[str, jax.Array], x: jax.Array, m:
 
 def _euler_spaced(schedule: NoiseSchedule, name: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The Euler family's ``n`` timesteps, their sigmas (interpolated linearly in sigma between table entries) and
-    the training sigmas, as diffusers' Euler schedulers' ``set_timesteps``."""
+    the alphas_cumprod they come from, as diffusers' Euler schedulers' ``set_timesteps``."""
     num_train = schedule.num_train_timesteps
     spacing = _spacing(schedule, name, "linspace")
     offset = _steps_offset(schedule, name)
@@ -305,8 +305,8 @@ def _euler_spaced(schedule: NoiseSchedule, name: str, n: int) -> tuple[np.ndarra
         ts = (np.arange(n) * (num_train // n)).round()[::-1].astype(np.float32) + np.float32(offset)
     else:
         ts = np.arange(num_train, 0, -num_train / n).round().astype(np.float32) - np.float32(1)
-    train_sigmas = _train_sigmas(_sampling_alphas_cumprod(schedule))
-    return ts, np.interp(ts, np.arange(num_train), train_sigmas), train_sigmas
+    alphas_cumprod = _sampling_alphas_cumprod(schedule)
+    return ts, np.interp(ts, np.arange(num_train), _train_sigmas(alphas_cumprod)), alphas_cumprod
 
 
 def _euler_init_sigma(schedule: NoiseSchedule, name: str, sigmas: np.ndarray) -> float:
@@ -322,14 +322,14 @@ def _euler_table(schedule: NoiseSchedule, n: int, karras: bool = False) -> Sampl
     if schedule.prediction_type == "v_prediction":
         # Continuous timesteps feed the model 0.25*log(sigma) instead of t: a different model convention.
         _field(schedule, name, "timestep_type", "discrete", ("discrete",))
-    ts, sigmas, train_sigmas = _euler_spaced(schedule, name, n)
+    ts, sigmas, alphas_cumprod = _euler_spaced(schedule, name, n)
     if karras:
         # Between the spaced schedule's own ends, unless the config pins them (EulerDiscreteScheduler's sigma_min/max).
         high = _sigma_bound(schedule, name, "sigma_max", sigmas[0])
         low = _sigma_bound(schedule, name, "sigma_min", sigmas[-1])
         sigmas = _karras_sigmas(high, low, n)
-        ts = _sigma_to_t(sigmas, train_sigmas)
-    sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, _sampling_alphas_cumprod(schedule))]]))
+        ts = _sigma_to_t(sigmas, _train_sigmas(alphas_cumprod))
+    sigmas = _f32(np.concatenate([sigmas, [_final_sigma(schedule, name, alphas_cumprod)]]))
     coeffs = {"sigma": sigmas[:-1], "sigma_next": sigmas[1:]}
     divisor = np.sqrt(sigmas[:-1] ** 2 + np.float32(1)).astype(np.float32)
     # Euler's latents are variance-exploding: x0 + sigma * noise.
