@@ -200,7 +200,9 @@ def test_masked_edit_on_the_toy_world():
     # The same edits unmasked (a mask of ones, so the same compiled program): how far the prompt alone moves the
     # pixels outside each box. The VAE decoder's attention lets what is drawn inside tint the whole image a little,
     # so the masked edit is measured against that, not against zero.
-    both = sd.generate(prompts * 2, steps=20, guidance=7.5, seed=0, image=np.concatenate([source, source]),
+    # Guidance 3: at 7.5 the toy model, made to draw inside a box it did not choose, overshoots (latents far off its
+    # range) and the VAE decoder's receptive field carries that past the box into the kept background.
+    both = sd.generate(prompts * 2, steps=20, guidance=3.0, seed=0, image=np.concatenate([source, source]),
                        strength=1.0, mask=np.concatenate([masks, np.ones_like(masks)]))
     edited, unmasked = both[:8], both[8:]
     outside = [(np.abs(img.astype(float) - source).mean(-1) * (1 - masks)).sum() / (1 - masks).sum()
