@@ -198,8 +198,8 @@ def test_masked_edit_on_the_toy_world():
         masks.append(box)
     source, masks = world.render_many(scenes), np.stack(masks)
     # The same edits unmasked (a mask of ones, so the same compiled program): how far the prompt alone moves the
-    # pixels outside each box. The VAE decoder's attention lets what is drawn inside tint the whole image a little,
-    # so the masked edit is measured against that, not against zero.
+    # pixels outside each box. The VAE decoder's receptive field lets what is drawn inside tint the whole image a
+    # little, so the masked edit is measured against that, not against zero.
     # Guidance 3: at 7.5 the toy model, made to draw inside a box it did not choose, overshoots (latents far off its
     # range) and the VAE decoder's receptive field carries that past the box into the kept background.
     both = sd.generate(prompts * 2, steps=20, guidance=3.0, seed=0, image=np.concatenate([source, source]),

@@ -46,8 +46,8 @@ LATENT_SIZE = 16
 TEXT_CONFIG: dict[str, Any] = {
     "architectures": ["CLIPTextModel"],
     "model_type": "clip_text_model",
-    # 128 wide, not 64: at 64 one learned vector, far off the scale of the words (norm ~60x), obeyed edits no more
-    # than three vectors did; at 128 it obeys them more, the paper's trade-off (README, "the toy world").
+    # 128 wide, not 64: at 64 one learned vector obeyed edits no more often than three vectors did; at 128 it obeys
+    # them more, the paper's trade-off (README, "the toy world").
     "hidden_size": 128,
     "intermediate_size": 512,
     "num_hidden_layers": 3,
